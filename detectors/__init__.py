@@ -1,0 +1,1 @@
+"""Bundled detectors (FCOS-OTA, DETR) that train with :mod:`uotmatch` assignment."""

@@ -1,0 +1,13 @@
+"""uotmatch: label assignment as entropic unbalanced optimal transport.
+
+One batched solver, :func:`match`, whose three knobs (eps, tau1, tau2) reproduce nearest-ground-truth
+matching, best-prediction matching, Hungarian one-to-one matching and balanced OT (OTA) as limits,
+and every regime in between.
+"""
+
+from uotmatch._match import match
+from uotmatch._result import Matching
+
+__version__ = "0.1.0"
+
+__all__ = ["Matching", "match"]
