@@ -1,8 +1,8 @@
 """uotmatch: label assignment as entropic unbalanced optimal transport.
 
-One batched solver, :func:`match`, whose three knobs (eps, tau1, tau2) reproduce nearest-ground-truth
-matching, best-prediction matching, Hungarian one-to-one matching and balanced OT (OTA) as limits,
-and every regime in between.
+One batched solver, :func:`match`, whose three knobs (eps, tau1, tau2) reproduce nearest ground
+truth, best prediction, Hungarian one-to-one and balanced OT (OTA) matching as limits, and every
+regime in between.
 """
 
 from uotmatch._match import match

@@ -46,7 +46,8 @@ def match(
 
     ``tau = inf`` makes that marginal a hard constraint and ``tau = 0`` drops it. For eps > 0 this
     is POT's ``ot.unbalanced.sinkhorn_unbalanced(a, b, C, reg=eps, reg_m=(tau1, tau2),
-    reg_type='entropy')`` and OTT's ``tau_a = tau1 / (tau1 + eps)``, ``tau_b = tau2 / (tau2 + eps)``.
+    reg_type='entropy')`` and OTT's ``tau_a = tau1 / (tau1 + eps)``,
+    ``tau_b = tau2 / (tau2 + eps)``.
     The UOT paper's masses ``1 / N_p`` instead of our unit masses give the same plan divided by
     ``N_p``: a uniform cost shift of ``-eps * log N_p``.
 
@@ -123,16 +124,17 @@ def match(
     tol = _number("tol", tol, low=0.0, allow_inf=False)
     if tol == 0:
         raise ValueError("tol must be > 0, got 0")
-    if bool(torch.isnan(C).any()):
-        raise ValueError("cost must not contain NaN (use +inf for forbidden pairs)")
-    if bool((C == -INF).any()):
+    if not bool((C > -INF).all()):  # one pass catches both NaN and -inf
+        if bool(torch.isnan(C).any()):
+            raise ValueError("cost must not contain NaN (use +inf for forbidden pairs)")
         raise ValueError("cost must not contain -inf (an unboundedly attractive pair)")
 
     a = _mass("a", a, B, M, batched, C)
     b = _mass("b", b, B, N, batched, C)
     real = _mask(mask, B, N, batched, C.device)  # [B, N] bool
-    C = C.masked_fill(~real[:, None, :], INF)
-    b = torch.where(real, b, torch.zeros_like(b))
+    if mask is not None:
+        C = C.masked_fill(~real[:, None, :], INF)
+        b = torch.where(real, b, torch.zeros_like(b))
     has_bg = background_cost is not None
     if has_bg:
         bg = _background(background_cost, B, M, batched, C)
@@ -140,16 +142,29 @@ def match(
         C = torch.cat([C, bg.unsqueeze(-1)], dim=-1)
         b = torch.cat([b, bg_mass.unsqueeze(-1)], dim=-1)
         real = torch.cat([real, real.new_ones(B, 1)], dim=-1)
-    _check_feasible(C, a, b, real, tau1, tau2)
+    # [B, M], [B, N(+1)]: +inf where a line allows nothing; NaN/-inf were rejected above.
+    empty = C.numel() == 0
+    row_min = C.new_full(C.shape[:2], INF) if empty else C.amin(-1)
+    col_min = C.new_full((B, C.shape[2]), INF) if empty else C.amin(-2)
+    _check_feasible(row_min, col_min, a, b, real, tau1, tau2)
 
-    if eps == 0:
+    if empty:  # nothing to transport: zero plan (feasibility was checked above)
+        plan = C.new_zeros(C.shape)
+        fg = (C.new_zeros(C.shape[:2]), C.new_zeros(B, C.shape[2]))
+        error, iterations = C.new_zeros(B), torch.zeros(B, dtype=torch.long, device=C.device)
+        converged = torch.ones(B, dtype=torch.bool, device=C.device)
+
+        def potentials() -> tuple[Tensor, Tensor]:
+            return fg
+
+    elif eps == 0:
         plan, potentials = _solve_exact(C, a, b, tau1, tau2, has_bg)
         zeros = torch.zeros(B, dtype=work, device=C.device)
         error, iterations = zeros, torch.zeros(B, dtype=torch.long, device=C.device)
         converged = torch.ones(B, dtype=torch.bool, device=C.device)
     else:
         with torch.set_grad_enabled(C.requires_grad or a.requires_grad or b.requires_grad):
-            out = sinkhorn(C, a.log(), b.log(), eps, tau1, tau2, max_iter, tol)
+            out = sinkhorn(C, a.log(), b.log(), eps, tau1, tau2, max_iter, tol, row_min, col_min)
         plan, error, iterations, converged = out.plan, out.error, out.iterations, out.converged
         fg = (out.f, out.g)
 
@@ -194,13 +209,16 @@ def _as_tensor(x: Any, name: str) -> tuple[str, Tensor]:
     if isinstance(x, Tensor):
         return "torch", x
     if isinstance(x, np.ndarray):
-        arr = x if x.dtype.kind == "f" else x.astype(np.float64)
+        arr = x if x.dtype.kind in "fb" else x.astype(np.float64)  # float, or a bool mask
         return "numpy", torch.from_numpy(np.ascontiguousarray(arr))
     if isinstance(x, list | tuple):
         try:
-            arr = np.asarray(x, dtype=np.float64)
+            arr = np.asarray(x)
+            arr = arr if arr.dtype.kind == "b" else arr.astype(np.float64)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name} must be a rectangular nested list of numbers: {exc}") from None
+            raise ValueError(
+                f"{name} must be a rectangular nested list of numbers: {exc}"
+            ) from None
         return "list", torch.from_numpy(arr)
     raise ValueError(
         f"{name} must be a torch tensor, numpy array or nested list, got {type(x).__name__}"
@@ -240,7 +258,9 @@ def _mass(name: str, x: Any, B: int, n: int, batched: bool, C: Tensor) -> Tensor
         return C.new_ones(B, n)
     t = _per_item(name, x, B, n, batched, C, what)
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise ValueError(f"{name} must be finite and >= 0, got min {float(t.min()) if t.numel() else 0}")
+        raise ValueError(
+            f"{name} must be finite and >= 0, got min {float(t.min()) if t.numel() else 0}"
+        )
     return t
 
 
@@ -264,25 +284,27 @@ def _background(x: Any, B: int, M: int, batched: bool, C: Tensor) -> Tensor:
     return t
 
 
-def _check_feasible(C: Tensor, a: Tensor, b: Tensor, real: Tensor, tau1: float, tau2: float):
+def _check_feasible(
+    row_min: Tensor, col_min: Tensor, a: Tensor, b: Tensor, real: Tensor, tau1: float, tau2: float
+):
     """Reject problems no plan can satisfy: a hard marginal with nowhere to go, or unequal mass."""
-    finite = torch.isfinite(C)
     if tau1 == INF:
-        stuck = (a > 0) & ~finite.any(-1)
+        stuck = (a > 0) & (row_min == INF)
         if bool(stuck.any()):
             item, row = (int(i) for i in torch.nonzero(stuck)[0])
             raise ValueError(
-                f"cost: item {item}, prediction {row} has mass but only +inf (forbidden) costs, "
-                "which tau1 = inf cannot allow; give it a finite cost, a background column or a "
-                "finite tau1"
+                f"cost: item {item}, prediction {row} has mass but no finite-cost column (only "
+                "+inf, forbidden, or none), which tau1 = inf cannot allow; give it a finite cost, "
+                "a background column or a finite tau1"
             )
     if tau2 == INF:
-        stuck = (b > 0) & real & ~finite.any(-2)
+        stuck = (b > 0) & real & (col_min == INF)
         if bool(stuck.any()):
             item, col = (int(i) for i in torch.nonzero(stuck)[0])
             raise ValueError(
-                f"cost: item {item}, column {col} has mass but only +inf (forbidden) costs, which "
-                "tau2 = inf cannot allow; give it a finite cost or use a finite tau2"
+                f"cost: item {item}, column {col} has mass but no finite-cost prediction (only "
+                "+inf, forbidden, or none), which tau2 = inf cannot allow; give it a finite "
+                "cost or use a finite tau2"
             )
     if tau1 == INF and tau2 == INF:
         sa, sb = a.sum(-1), b.sum(-1)

@@ -1,0 +1,85 @@
+"""Stability: tiny eps, huge costs, forbidden pairs, empty dimensions."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import uotmatch
+
+INF = math.inf
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e6])
+@pytest.mark.parametrize("taus", [(INF, INF), (100.0, 1.0), (INF, 0.0), (1.0, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_eps_and_huge_costs_stay_finite(scale, taus, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    C = (torch.rand(4, 30, 8, generator=g) * scale).to(dtype=dtype, device=device)
+    eps = 1e-4 * scale
+    m = uotmatch.match(C, eps, *taus, background_cost=0.5 * scale, max_iter=3000)
+    for x in (m.plan, m.f, m.g, m.marginal_error):
+        assert torch.isfinite(x).all()
+    assert (m.plan >= 0).all()
+    # Whether or not every item reached tol, the plan is near the marginals it must have.
+    assert float(m.marginal_error.max()) < 1e-2
+    if taus == (INF, INF):
+        # tiny eps: the decoded matching is the exact Hungarian one on these generic costs
+        exact = uotmatch.match(C.double().cpu(), 0.0, background_cost=0.5 * scale)
+        agree = (m.assignment().cpu() == exact.assignment()).float().mean()
+        assert agree > 0.95
+
+
+def test_penalty_constants_do_not_slow_convergence():
+    """OTA-style 1e5 centre-prior penalties are effectively forbidden pairs, not a cost scale."""
+    g = torch.Generator().manual_seed(0)
+    C = torch.rand(2, 200, 5, generator=g) * 3
+    C[:, 50:, :] += 1e5
+    m = uotmatch.match(C, 0.1, b=torch.full((5,), 4.0), background_cost=0.5)
+    assert bool(m.converged.all()) and int(m.iterations.max()) < 100
+    assert float(m.plan[:, 50:, :5].max()) == 0.0
+
+
+def test_forbidden_pairs_get_exactly_zero(device):
+    g = torch.Generator().manual_seed(1)
+    C = torch.rand(3, 6, 4, generator=g).to(device)
+    forbid = torch.rand(3, 6, 4, generator=g).to(device) < 0.3
+    C = C.masked_fill(forbid, INF)
+    for taus in [(1.0, 1.0), (INF, 2.0), (INF, INF)]:
+        m = uotmatch.match(C, 0.05, *taus, background_cost=1.0)
+        assert torch.all(m.plan[..., :4][forbid] == 0)
+        assert torch.isfinite(m.plan).all()
+
+
+@pytest.mark.parametrize("M,N", [(0, 3), (4, 0), (0, 0)])
+def test_empty_dimensions(M, N):
+    C = torch.rand(2, M, N)
+    m = uotmatch.match(C, 0.1, 1.0, 1.0)
+    assert m.plan.shape == (2, M, N) and bool(m.converged.all())
+    m = uotmatch.match(C, 0.1, 1.0, 1.0, background_cost=0.5)
+    assert m.plan.shape == (2, M, N + 1)
+    assert m.assignment().shape == (2, M)
+    assert all(len(pred) == 0 and len(gt) == 0 for pred, gt in m.pairs())  # nothing to match
+    if N == 0:
+        # only the background: every prediction goes there, with the hard marginals too
+        m = uotmatch.match(C, 0.1, background_cost=0.5)
+        torch.testing.assert_close(m.plan, torch.ones(2, M, 1))
+        assert (m.assignment() == -1).all()
+        m = uotmatch.match(C, 0.0, background_cost=0.5)
+        torch.testing.assert_close(m.plan, torch.ones(2, M, 1))
+
+
+def test_more_ground_truths_than_predictions_with_background():
+    """N > M: the background has mass 0; with a finite tau2 some ground truths stay unmatched."""
+    g = torch.Generator().manual_seed(2)
+    C = torch.rand(3, 7, generator=g, dtype=torch.float64)
+    m = uotmatch.match(C, 0.05, INF, 1.0, background_cost=0.3, tol=1e-10)
+    assert bool(m.converged)
+    torch.testing.assert_close(m.plan.sum(1), torch.ones(3, dtype=torch.float64))
+    assert float(m.plan[:, -1].sum()) == 0.0  # zero-mass background under tau2 > 0
+    exact = uotmatch.match(C, 0.0, INF, 0.0, background_cost=0.3)  # rows to their argmin
+    assert (
+        exact.assignment().tolist()
+        == np.where(C.min(1).values.numpy() < 0.3, C.argmin(1).numpy(), -1).tolist()
+    )

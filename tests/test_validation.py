@@ -1,0 +1,96 @@
+"""Every bad input of match() raises a ValueError that names the argument."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import uotmatch
+
+INF = math.inf
+C = torch.rand(4, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(cost=torch.rand(5)), r"cost must be \[M, N\] or \[B, M, N\], got shape \(5,\)"),
+        (dict(cost=torch.rand(1, 2, 3, 4)), r"cost must be .* got shape \(1, 2, 3, 4\)"),
+        (dict(cost=torch.ones(3, 2, dtype=torch.int64)), "cost must have a floating dtype"),
+        (dict(cost="abc"), "cost must be a torch tensor, numpy array or nested list"),
+        (dict(cost=[[1.0, 2.0], [3.0]]), "cost must be a rectangular nested list"),
+        (dict(cost=torch.tensor([[0.0, float("nan")]])), "cost must not contain NaN"),
+        (dict(cost=torch.tensor([[0.0, -INF]])), "cost must not contain -inf"),
+        (dict(eps=-0.1), "eps must be >= 0, got -0.1"),
+        (dict(eps=float("nan")), "eps must not be NaN"),
+        (dict(eps=INF), "eps must be finite"),
+        (dict(eps="0.1"), "eps must be a real number"),
+        (dict(tau1=-1.0), "tau1 must be >= 0"),
+        (dict(tau2=float("nan")), "tau2 must not be NaN"),
+        (dict(tau2=-INF), r"tau2 must be in \[0, inf\]"),
+        (dict(a=torch.ones(5)), r"a must be \[4\] \(one mass per prediction\), got shape \(5,\)"),
+        (dict(a=-torch.ones(4), tau1=1.0, tau2=1.0), "a must be finite and >= 0"),
+        (dict(b=torch.ones(2)), r"b must be \[3\] \(one mass per ground truth\)"),
+        (dict(b=torch.tensor([1.0, float("nan"), 1.0]), tau2=1.0), "b must be finite and >= 0"),
+        (dict(mask=torch.ones(3)), "mask must be a bool tensor/array"),
+        (dict(mask=torch.ones(4, dtype=torch.bool)), r"mask must be \[3\]"),
+        (dict(background_cost=torch.ones(3)), r"background_cost must be \[4\]"),
+        (dict(background_cost=float("nan")), "background_cost must not contain NaN"),
+        (dict(max_iter=0), "max_iter must be an integer >= 1"),
+        (dict(max_iter=2.5), "max_iter must be an integer >= 1"),
+        (dict(tol=0.0), "tol must be > 0"),
+        (dict(tol=-1.0), "tol must be >= 0"),
+    ],
+)
+def test_bad_input(kwargs, message):
+    args = dict(cost=C, eps=0.1, tau1=1.0, tau2=1.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        uotmatch.match(args.pop("cost"), args.pop("eps"), **args)
+
+
+def test_batched_shapes_must_agree():
+    with pytest.raises(ValueError, match=r"a must be \[4\] or \[2, 4\]"):
+        uotmatch.match(torch.rand(2, 4, 3), 0.1, 1.0, 1.0, a=torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"mask must be \[3\] or \[2, 3\]"):
+        uotmatch.match(torch.rand(2, 4, 3), 0.1, 1.0, 1.0, mask=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"a must be \[4\] \("):  # unbatched cost, batched mass
+        uotmatch.match(torch.rand(4, 3), 0.1, 1.0, 1.0, a=torch.ones(2, 4))
+
+
+def test_unequal_masses_with_hard_marginals_are_infeasible():
+    with pytest.raises(ValueError, match=r"sum\(a\) = 4 and sum\(b\) = 3: infeasible.*background"):
+        uotmatch.match(C, 0.1)
+    with pytest.raises(ValueError, match="infeasible"):
+        uotmatch.match(torch.rand(2, 5), 0.1, background_cost=0.5)  # N > M: background mass 0
+    uotmatch.match(C, 0.1, background_cost=0.5)  # fine with a background
+    uotmatch.match(C, 0.1, 1.0, INF)  # and with a finite tau
+
+
+def test_eps_zero_needs_a_limit():
+    with pytest.raises(ValueError, match=r"eps = 0 is defined only for the limits.*\(1.0, inf\)"):
+        uotmatch.match(C, 0.0, 1.0, INF)
+    with pytest.raises(ValueError, match=r"eps = 0 .*\(0.0, 0.0\)"):
+        uotmatch.match(C, 0.0, 0.0, 0.0)
+
+
+def test_forbidden_rows_under_a_hard_marginal():
+    cost = torch.tensor([[INF, INF], [0.1, 0.2]])
+    with pytest.raises(ValueError, match="prediction 0 has mass but no finite-cost column"):
+        uotmatch.match(cost, 0.1, INF, 1.0)
+    m = uotmatch.match(cost, 0.1, 1.0, 1.0)  # a finite tau1 lets that row stay empty
+    assert torch.all(m.plan[0] == 0)
+
+
+def test_numpy_mask_and_lists_accepted():
+    m = uotmatch.match(
+        np.random.rand(4, 3),
+        0.1,
+        1.0,
+        1.0,
+        mask=np.array([True, False, True]),
+        a=[1.0, 1.0, 2.0, 1.0],
+        background_cost=[0.5] * 4,
+    )
+    assert np.all(m.plan[:, 1] == 0)
