@@ -124,33 +124,44 @@ def match(
     tol = _number("tol", tol, low=0.0, allow_inf=False)
     if tol == 0:
         raise ValueError("tol must be > 0, got 0")
-    if not bool((C > -INF).all()):  # one pass catches both NaN and -inf
-        if bool(torch.isnan(C).any()):
-            raise ValueError("cost must not contain NaN (use +inf for forbidden pairs)")
-        raise ValueError("cost must not contain -inf (an unboundedly attractive pair)")
-
     a = _mass("a", a, B, M, batched, C)
     b = _mass("b", b, B, N, batched, C)
     real = _mask(mask, B, N, batched, C.device)  # [B, N] bool
-    if mask is not None:
+    if mask is not None:  # padding is ignored whatever it holds
         C = C.masked_fill(~real[:, None, :], INF)
         b = torch.where(real, b, torch.zeros_like(b))
     has_bg = background_cost is not None
+    # The solver's fast reductions run along the last dimension: tall problems (M > N, the rule
+    # in detection) are solved transposed, [B, N(+1), M]. The objective is symmetric in
+    # (rows, a, tau1) <-> (columns, b, tau2), so the plan is the same.
+    transpose = M > N + int(has_bg)
     if has_bg:
         bg = _background(background_cost, B, M, batched, C)
         bg_mass = (a.sum(-1) - b.sum(-1)).clamp_min(0)  # [B]
-        C = torch.cat([C, bg.unsqueeze(-1)], dim=-1)
         b = torch.cat([b, bg_mass.unsqueeze(-1)], dim=-1)
         real = torch.cat([real, real.new_ones(B, 1)], dim=-1)
-    # [B, M], [B, N(+1)]: +inf where a line allows nothing; NaN/-inf were rejected above.
-    empty = C.numel() == 0
-    row_min = C.new_full(C.shape[:2], INF) if empty else C.amin(-1)
-    col_min = C.new_full((B, C.shape[2]), INF) if empty else C.amin(-2)
+        if transpose:  # one pass writes the transposed copy and the background row
+            work_cost = torch.cat([C.mT, bg.unsqueeze(1)], dim=1)
+        else:
+            work_cost = torch.cat([C, bg.unsqueeze(-1)], dim=-1)
+    else:
+        work_cost = C.mT.contiguous() if transpose else C
+    # Minima per line: +inf where a line allows nothing; NaN and -inf propagate, so the cost is
+    # validated on these small tensors instead of a pass over the whole batch.
+    empty = work_cost.numel() == 0
+    lead = work_cost.new_full(work_cost.shape[:2], INF) if empty else work_cost.amin(-1)
+    trail = work_cost.new_full((B, work_cost.shape[2]), INF) if empty else work_cost.amin(-2)
+    row_min, col_min = (trail, lead) if transpose else (lead, trail)  # [B, M], [B, N(+1)]
+    if not bool((row_min > -INF).all()):
+        if bool(torch.isnan(row_min).any()):
+            raise ValueError("cost must not contain NaN (use +inf for forbidden pairs)")
+        raise ValueError("cost must not contain -inf (an unboundedly attractive pair)")
     _check_feasible(row_min, col_min, a, b, real, tau1, tau2)
+    full_cost = work_cost.mT if transpose else work_cost  # [B, M, N(+1)] view
 
     if empty:  # nothing to transport: zero plan (feasibility was checked above)
-        plan = C.new_zeros(C.shape)
-        fg = (C.new_zeros(C.shape[:2]), C.new_zeros(B, C.shape[2]))
+        plan = full_cost.new_zeros(full_cost.shape)
+        fg = (C.new_zeros(B, M), C.new_zeros(B, full_cost.shape[2]))
         error, iterations = C.new_zeros(B), torch.zeros(B, dtype=torch.long, device=C.device)
         converged = torch.ones(B, dtype=torch.bool, device=C.device)
 
@@ -158,15 +169,23 @@ def match(
             return fg
 
     elif eps == 0:
-        plan, potentials = _solve_exact(C, a, b, tau1, tau2, has_bg)
+        plan, potentials = _solve_exact(full_cost, a, b, tau1, tau2, has_bg)
         zeros = torch.zeros(B, dtype=work, device=C.device)
         error, iterations = zeros, torch.zeros(B, dtype=torch.long, device=C.device)
         converged = torch.ones(B, dtype=torch.bool, device=C.device)
     else:
         with torch.set_grad_enabled(C.requires_grad or a.requires_grad or b.requires_grad):
-            out = sinkhorn(C, a.log(), b.log(), eps, tau1, tau2, max_iter, tol, row_min, col_min)
-        plan, error, iterations, converged = out.plan, out.error, out.iterations, out.converged
-        fg = (out.f, out.g)
+            if transpose:
+                out = sinkhorn(
+                    work_cost, b.log(), a.log(), eps, tau2, tau1, max_iter, tol, col_min, row_min
+                )
+                plan, fg = out.plan.mT, (out.g, out.f)
+            else:
+                out = sinkhorn(
+                    work_cost, a.log(), b.log(), eps, tau1, tau2, max_iter, tol, row_min, col_min
+                )
+                plan, fg = out.plan, (out.f, out.g)
+        error, iterations, converged = out.error, out.iterations, out.converged
 
         def potentials() -> tuple[Tensor, Tensor]:
             return fg

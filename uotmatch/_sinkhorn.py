@@ -31,11 +31,13 @@ from torch import Tensor
 #: On CUDA, convergence is measured (one host sync) every this many iterations; on CPU, where a
 #: check costs no sync, every iteration.
 CHECK_EVERY_CUDA = 10
-#: ``|log u|`` or ``|log v|`` above this folds the scalings into the potentials.
-ABSORB_THRESHOLD = 30.0
-#: Between checks, ``log u`` and ``log v`` are clamped to this (no overflow before the next
-#: absorption; a clamped step is only a shorter step of the same fixed-point iteration).
-LOG_CLAMP = 50.0
+#: ``|log u|`` or ``|log v|`` above ``|KERNEL_LOG_FLOOR| / ABSORB_FRACTION`` folds the scalings
+#: into the potentials and rebuilds the kernel (20 in float32, 175 in float64). Entries floored
+#: at build time then stay below exp(floor / 3): negligible, even after a clamped step.
+ABSORB_FRACTION = 4.0
+#: Each step clamps ``log u`` and ``log v`` to ``|KERNEL_LOG_FLOOR| / CLAMP_FRACTION``: no overflow
+#: between absorptions (a clamped step is only a shorter step of the same iteration).
+CLAMP_FRACTION = 3.0
 #: Kernel entries ``exp(x)`` with ``x`` below this are set to 0 (far from subnormal numbers).
 KERNEL_LOG_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 #: Ratio between consecutive eps-scaling stages.
@@ -85,42 +87,51 @@ def kernel(cost: Tensor, f: Tensor, g: Tensor, eps: float) -> Tensor:
     return torch.nn.functional.threshold_(x.clamp_min_(floor).exp_(), cutoff, 0.0)
 
 
-def _relative_l1(actual: Tensor, log_target: Tensor, log_mass: Tensor, alive: Tensor) -> Tensor:
-    """``sum |actual - target| / sum mass`` over the alive entries of each item, ``[B]``.
+@dataclass
+class _Side:
+    """One marginal's condition: ``mass * exp(-potential / tau)`` is what the plan must give."""
 
-    Normalised by the prescribed masses, not by the target: where the optimum moves almost no
-    mass (tau small against the costs) the error stays a fraction of the problem's mass.
-    """
-    zero = torch.zeros_like(actual)
-    target = torch.where(alive, log_target.exp(), zero)
-    num = (torch.where(alive, actual, zero) - target).abs().sum(-1)
-    den = torch.where(alive, log_mass.exp(), zero).sum(-1)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num)
+    log_mass: Tensor  # [B, L], finite
+    alive: Tensor  # [B, L] bool
+    tau: float
+    mass: Tensor  # [B, L], 0 on dead lines
+    total: Tensor  # [B], the normaliser (prescribed mass)
+
+    @classmethod
+    def make(cls, log_mass: Tensor, alive: Tensor, tau: float) -> _Side:
+        mass = torch.where(alive, log_mass.exp(), torch.zeros_like(log_mass))
+        return cls(log_mass, alive, tau, mass, mass.sum(-1))
+
+    def error(self, actual: Tensor, potential: Tensor) -> Tensor | None:
+        """``||actual - target||_1 / ||mass||_1`` per item (``actual`` is 0 on dead lines);
+        ``None`` when ``tau = 0``: that marginal is free, so it has no condition to violate.
+
+        Normalised by the prescribed mass, not by the target: where the optimum moves almost no
+        mass (tau small against the costs) the error stays a fraction of the problem's mass.
+        """
+        if self.tau == 0:
+            return None
+        if math.isinf(self.tau):
+            target = self.mass
+        else:
+            target = torch.where(self.alive, (self.log_mass - potential / self.tau).exp(), 0.0)
+        num = (actual - target).abs().sum(-1)
+        return torch.where(self.total > 0, num / self.total.clamp_min(1e-300), num)
 
 
-def _log_target(log_mass: Tensor, potential: Tensor, tau: float) -> Tensor | None:
-    """Log of the marginal the optimum must have: ``mass * exp(-potential / tau)``.
-
-    ``None`` when ``tau = 0``: that marginal is free, so it has no condition to violate.
-    """
-    if tau == 0:
-        return None
-    if math.isinf(tau):
-        return log_mass
-    return log_mass - potential / tau
+def _side_error(side: _Side, actual: Tensor, potential: Tensor) -> Tensor:
+    """:meth:`_Side.error`, or 0 for a free side or an empty dimension, ``[B]``."""
+    e = side.error(actual, potential) if actual.shape[1] else None
+    return torch.zeros_like(actual[:, 0]) if e is None else e
 
 
 def marginal_error(
     row_mass: Tensor,
     col_mass: Tensor,
-    log_a: Tensor,
-    log_b: Tensor,
+    rows: _Side,
+    cols: _Side,
     f: Tensor,
     g: Tensor,
-    tau1: float,
-    tau2: float,
-    row_alive: Tensor,
-    col_alive: Tensor,
 ) -> Tensor:
     """Relative L1 violation of the optimality conditions on both marginals, ``[B]``.
 
@@ -128,16 +139,17 @@ def marginal_error(
     the target is ``a`` itself when ``tau1 = inf``; a ``tau1 = 0`` side has no condition), and
     likewise for the columns; the larger side wins.
     """
-    err = (
-        torch.zeros_like(row_mass[:, 0]) if row_mass.shape[1] else row_mass.new_zeros(len(row_mass))
-    )
-    rows = _log_target(log_a, f, tau1)
-    if rows is not None and row_mass.shape[1]:
-        err = torch.maximum(err, _relative_l1(row_mass, rows, log_a, row_alive))
-    cols = _log_target(log_b, g, tau2)
-    if cols is not None and col_mass.shape[1]:
-        err = torch.maximum(err, _relative_l1(col_mass, cols, log_b, col_alive))
-    return err
+    return torch.maximum(_side_error(rows, row_mass, f), _side_error(cols, col_mass, g))
+
+
+def plan_error(
+    plan: Tensor, f: Tensor, g: Tensor, a: Tensor, b: Tensor, tau1: float, tau2: float
+) -> Tensor:
+    """:func:`marginal_error` of any plan ``[B, M, N]`` and potentials (e.g. another solver's),
+    for masses ``a [B, M]``, ``b [B, N]``; lines of zero mass count as absent."""
+    rows = _Side.make(a.log(), a > 0, tau1)
+    cols = _Side.make(b.log(), b > 0, tau2)
+    return marginal_error(plan.sum(-1), plan.sum(-2), rows, cols, f, g)
 
 
 def _optimal_translation(
@@ -197,7 +209,8 @@ def sinkhorn(
     """Solve a batch of entropic UOT problems.
 
     Args:
-        cost: ``[B, M, N]`` finite or ``+inf`` (forbidden pair) costs.
+        cost: ``[B, M, N]`` finite or ``+inf`` (forbidden pair) costs. Reductions over the last
+            dimension are the fast ones: pass the transposed problem when ``M >> N``.
         log_a: ``[B, M]`` log row masses (``-inf`` for zero mass).
         log_b: ``[B, N]`` log column masses (``-inf`` for zero mass or a masked column).
         eps: entropic regularisation, ``> 0``.
@@ -213,9 +226,9 @@ def sinkhorn(
     # empty), carries nothing: exactly zero plan, potential pinned to 0, excluded from the error.
     row_alive = (row_min < math.inf) & (torch.isfinite(log_a) | (tau1 == 0))  # [B, M]
     col_alive = (col_min < math.inf) & (torch.isfinite(log_b) | (tau2 == 0))  # [B, N]
-    if not bool(row_alive.all() and col_alive.all()):
-        dead = ~row_alive[..., None] | ~col_alive[:, None, :]
-        cost = cost.masked_fill(dead, math.inf)
+    any_dead = not bool(row_alive.all() and col_alive.all())
+    if any_dead:
+        cost = cost.masked_fill(~row_alive[..., None] | ~col_alive[:, None, :], math.inf)
         row_min = torch.where(row_alive, row_min, math.inf)
         col_min = torch.where(col_alive, col_min, math.inf)
     # With tau = 0 the masses play no part; keep the logs finite so 0 * log never is NaN.
@@ -223,98 +236,113 @@ def sinkhorn(
     log_a = torch.where(row_alive & torch.isfinite(log_a), log_a, zero_m)
     log_b = torch.where(col_alive & torch.isfinite(log_b), log_b, zero_n)
     tiny = torch.finfo(cost.dtype).tiny
+    # Kernel entries below exp(floor) are 0 until the next rebuild; absorbing before
+    # |log u| + |log v| nears |floor| keeps what they would have grown to negligible.
+    floor = KERNEL_LOG_FLOOR[cost.dtype]
+    absorb_at, log_clamp = -floor / ABSORB_FRACTION, -floor / CLAMP_FRACTION
+    rows, cols = _Side.make(log_a, row_alive, tau1), _Side.make(log_b, col_alive, tau2)
+    finite1, finite2 = 0 < tau1 < math.inf, 0 < tau2 < math.inf  # targets move with f, g
 
-    # Warm start so each row has a kernel entry of 1 (no underflow at the first stage).
+    # Warm start: every line of the longer side (where a tau > 0 lets it move) gets a kernel
+    # entry of 1, so nothing underflows at the first stage.
     f, g = zero_m, zero_n
-    if tau1 > 0:
-        f = torch.where(row_alive, row_min, zero_m)
-    elif tau2 > 0:
+    if tau2 > 0 and (N >= M or tau1 == 0):
         g = torch.where(col_alive, col_min, zero_n)
+    elif tau1 > 0:
+        f = torch.where(row_alive, row_min, zero_m)
 
     translate = 0 < tau1 and 0 < tau2 and not (math.isinf(tau1) and math.isinf(tau2))
     check_every = CHECK_EVERY_CUDA if cost.is_cuda else 1
     stages = eps_schedule(row_min, col_min, eps)
-    active = torch.ones(B, dtype=torch.bool, device=cost.device)
+    active = torch.ones(B, 1, dtype=torch.bool, device=cost.device)
     omega = torch.full((B, 1), OMEGA, dtype=cost.dtype, device=cost.device)
-    last_err = torch.full((B,), math.inf, dtype=cost.dtype, device=cost.device)
+    err = last_err = torch.full((B,), math.inf, dtype=cost.dtype, device=cost.device)
     iterations = torch.zeros(B, dtype=torch.long, device=cost.device)
     it = 0
     for stage, eps_s in enumerate(stages):
         final = stage == len(stages) - 1
         lam1, lam2 = damping(tau1, eps_s), damping(tau2, eps_s)
         K = kernel(cost, f, g, eps_s)
+        # The updates in log-scaling form, on the kernel absorbed at (f, g):
+        #   log u = lam1 (log a - log K v) - (1 - lam1) f / eps, likewise log v.
+        c_u = lam1 * log_a - (1 - lam1) / eps_s * f
+        c_v = lam2 * log_b - (1 - lam2) / eps_s * g
         log_u, log_v = zero_m, zero_n
+        u, v = torch.ones_like(f), torch.ones_like(g)
         Kv = K.sum(-1)  # K @ 1
         budget = max_iter - it if final else min(STAGE_ITERS, max_iter - it - 1)
         for k in range(max(budget, 0)):
-            # u-step, over-relaxed: log u <- (1 - w) log u + w * update.
-            new_u = lam1 * (log_a - Kv.clamp_min(tiny).log()) - (1 - lam1) * f / eps_s
-            new_u = torch.where(row_alive, (1 - omega) * log_u + omega * new_u, zero_m)
-            log_u = torch.where(active[:, None], new_u.clamp(-LOG_CLAMP, LOG_CLAMP), log_u)
-            KTu = torch.bmm(log_u.exp().unsqueeze(1), K).squeeze(1)  # [B, N]
-            new_v = lam2 * (log_b - KTu.clamp_min(tiny).log()) - (1 - lam2) * g / eps_s
-            new_v = torch.where(col_alive, (1 - omega) * log_v + omega * new_v, zero_n)
-            log_v = torch.where(active[:, None], new_v.clamp(-LOG_CLAMP, LOG_CLAMP), log_v)
-            col_mass = log_v.exp() * KTu  # [B, N], unchanged by the translation below
+            # Over-relaxed (weight omega) and frozen (weight 0) items in one lerp.
+            weight = omega * active
+            new_u = torch.add(c_u, Kv.clamp_min(tiny).log(), alpha=-lam1)
+            if any_dead:
+                new_u = torch.where(row_alive, new_u, zero_m)
+            log_u = torch.lerp(log_u, new_u, weight).clamp_(-log_clamp, log_clamp)
+            u = log_u.exp()
+            KTu = torch.bmm(u.unsqueeze(1), K).squeeze(1)  # [B, N]
+            new_v = torch.add(c_v, KTu.clamp_min(tiny).log(), alpha=-lam2)
+            if any_dead:
+                new_v = torch.where(col_alive, new_v, zero_n)
+            log_v = torch.lerp(log_v, new_v, weight).clamp_(-log_clamp, log_clamp)
+            v = log_v.exp()
+            col_mass = v * KTu  # [B, N], unchanged by the translation below
             if translate:
                 # Translation-invariant step (Sejourne et al., AISTATS 2022): f + t, g - t leaves
-                # the plan unchanged; the dual-optimal t removes Sinkhorn's slow mass mode.
+                # the plan unchanged; the dual-optimal t removes Sinkhorn's slow mass mode. It
+                # goes into the absorbed potentials, which leaves the kernel as it is.
                 fu, gv = f + eps_s * log_u, g + eps_s * log_v
                 t = _optimal_translation(log_a, log_b, fu, gv, tau1, tau2, row_alive, col_alive)
-                t = torch.where(active, t, torch.zeros_like(t))[:, None] / eps_s
-                log_u = (log_u + t).clamp(-LOG_CLAMP, LOG_CLAMP)
-                log_v = (log_v - t).clamp(-LOG_CLAMP, LOG_CLAMP)
+                t = torch.where(row_alive.any(-1, keepdim=True), t[:, None] * active, 0.0)
+                f, g = f + t, g - t
+                c_u = c_u - (1 - lam1) / eps_s * t
+                c_v = c_v + (1 - lam2) / eps_s * t
             # v^T K^T rather than K v: a row-vector times the transposed view is ~8x faster on
-            # CPU for the tall, thin kernels of detection (M >> N).
-            Kv = torch.bmm(log_v.exp().unsqueeze(1), K.mT).squeeze(1)  # [B, M]
+            # CPU (a strided mat-vec with a short inner dimension is not).
+            Kv = torch.bmm(v.unsqueeze(1), K.mT).squeeze(1)  # [B, M]
             it += 1
             if not final or ((k + 1) % check_every and k + 1 < budget):
                 continue
-            err = marginal_error(
-                log_u.exp() * Kv,
-                col_mass,
-                log_a,
-                log_b,
-                f + eps_s * log_u,
-                g + eps_s * log_v,
-                tau1,
-                tau2,
-                row_alive,
-                col_alive,
-            )
-            done = active & (err <= tol)
-            iterations = torch.where(done, torch.full_like(iterations, it), iterations)
-            active = active & ~done
+            # The short side first (cheap); the long side only once some item meets tol on the
+            # short one, and always at the last iteration, so the final error is complete.
+            fu = f + eps_s * log_u if finite1 else f
+            gv = g + eps_s * log_v if finite2 else g
+            sides = [(rows, u * Kv, fu), (cols, col_mass, gv)]
+            if M > N:
+                sides.reverse()
+            short_err = _side_error(*sides[0])
+            if k + 1 == budget or bool(((short_err <= tol) & active[:, 0]).any()):
+                err = torch.maximum(short_err, _side_error(*sides[1]))
+                done = active[:, 0] & (err <= tol)
+                iterations = torch.where(done, it, iterations)
+                active = active & ~done[:, None]
             # Over-relaxation is not monotone far from the optimum: an item whose error grew
             # falls back to plain Sinkhorn for good.
-            omega = torch.where((err > last_err)[:, None], torch.ones_like(omega), omega)
-            last_err = err
+            omega = torch.where((short_err > last_err)[:, None], 1.0, omega)
+            last_err = short_err
             if not bool(active.any()):
                 break
-            if (
-                float(torch.maximum(log_u.abs().max(), log_v.abs().max()).detach())
-                > ABSORB_THRESHOLD
-            ):
+            if bool(torch.maximum(log_u.abs().max(), log_v.abs().max()) > absorb_at):
                 f, g = f + eps_s * log_u, g + eps_s * log_v
                 K = kernel(cost, f, g, eps_s)
+                c_u = lam1 * log_a - (1 - lam1) / eps_s * f
+                c_v = lam2 * log_b - (1 - lam2) / eps_s * g
                 log_u, log_v = zero_m, zero_n
+                u, v = torch.ones_like(f), torch.ones_like(g)
                 Kv = K.sum(-1)
         if final and not torch.is_grad_enabled():
-            # diag(u) K diag(v), in place: the plan at the final potentials without a new exp.
-            plan = K.mul_(log_u.exp().unsqueeze(-1)).mul_(log_v.exp().unsqueeze(-2))
+            # diag(u) K diag(v), in place: the plan whose marginals the last check measured.
+            plan = K.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
         f, g = f + eps_s * log_u, g + eps_s * log_v
 
     if torch.is_grad_enabled():
         plan = kernel(cost, f, g, eps)
-    iterations = torch.where(active, torch.full_like(iterations, it), iterations)
-    error = marginal_error(
-        plan.sum(-1), plan.sum(-2), log_a, log_b, f, g, tau1, tau2, row_alive, col_alive
-    )
+        err = marginal_error(plan.sum(-1), plan.sum(-2), rows, cols, f, g)
+    iterations = torch.where(active[:, 0], it, iterations)
     return SinkhornOutput(
         plan=plan,
         f=torch.where(row_alive, f, zero_m),
         g=torch.where(col_alive, g, zero_n),
-        error=error,
+        error=err,
         iterations=iterations,
-        converged=error <= tol,
+        converged=err <= tol,
     )
