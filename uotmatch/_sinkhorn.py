@@ -28,9 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: On CUDA, convergence is measured (one host sync) every this many iterations; on CPU, where a
-#: check costs no sync, every iteration.
+#: On CUDA, convergence is measured (one host sync) every this many iterations. On CPU, where a
+#: check costs no sync but ~30 small ops, every iteration once ``B * M * N`` reaches
+#: ``CHECK_EVERY_CPU_SIZE`` (the mat-vecs dominate), else every ``CHECK_EVERY_CPU_SMALL``.
 CHECK_EVERY_CUDA = 10
+CHECK_EVERY_CPU_SIZE = 2**20
+CHECK_EVERY_CPU_SMALL = 3
 #: ``|log u|`` or ``|log v|`` above ``|KERNEL_LOG_FLOOR| / ABSORB_FRACTION`` folds the scalings
 #: into the potentials and rebuilds the kernel (20 in float32, 175 in float64). Entries floored
 #: at build time then stay below exp(floor / 3): negligible, even after a clamped step.
@@ -95,12 +98,13 @@ class _Side:
     alive: Tensor  # [B, L] bool
     tau: float
     mass: Tensor  # [B, L], 0 on dead lines
-    total: Tensor  # [B], the normaliser (prescribed mass)
+    scale: Tensor  # [B, 1]: 1 / prescribed total mass (1 where that is 0)
 
     @classmethod
     def make(cls, log_mass: Tensor, alive: Tensor, tau: float) -> _Side:
         mass = torch.where(alive, log_mass.exp(), torch.zeros_like(log_mass))
-        return cls(log_mass, alive, tau, mass, mass.sum(-1))
+        total = mass.sum(-1)
+        return cls(log_mass, alive, tau, mass, torch.where(total > 0, 1 / total, 1.0))
 
     def error(self, actual: Tensor, potential: Tensor) -> Tensor | None:
         """``||actual - target||_1 / ||mass||_1`` per item (``actual`` is 0 on dead lines);
@@ -115,8 +119,7 @@ class _Side:
             target = self.mass
         else:
             target = torch.where(self.alive, (self.log_mass - potential / self.tau).exp(), 0.0)
-        num = (actual - target).abs().sum(-1)
-        return torch.where(self.total > 0, num / self.total.clamp_min(1e-300), num)
+        return (actual - target).abs_().sum(-1).mul_(self.scale)
 
 
 def _side_error(side: _Side, actual: Tensor, potential: Tensor) -> Tensor:
@@ -252,10 +255,14 @@ def sinkhorn(
         f = torch.where(row_alive, row_min, zero_m)
 
     translate = 0 < tau1 and 0 < tau2 and not (math.isinf(tau1) and math.isinf(tau2))
-    check_every = CHECK_EVERY_CUDA if cost.is_cuda else 1
+    if cost.is_cuda:
+        check_every = CHECK_EVERY_CUDA
+    else:  # a check is ~30 tiny ops: on small problems that is several mat-vecs' worth
+        check_every = 1 if B * M * N >= CHECK_EVERY_CPU_SIZE else CHECK_EVERY_CPU_SMALL
     stages = eps_schedule(row_min, col_min, eps)
     active = torch.ones(B, 1, dtype=torch.bool, device=cost.device)
     omega = torch.full((B, 1), OMEGA, dtype=cost.dtype, device=cost.device)
+    weight = omega.clone()  # omega for active items, 0 for frozen ones: one lerp does both
     err = last_err = torch.full((B,), math.inf, dtype=cost.dtype, device=cost.device)
     iterations = torch.zeros(B, dtype=torch.long, device=cost.device)
     it = 0
@@ -272,21 +279,19 @@ def sinkhorn(
         Kv = K.sum(-1)  # K @ 1
         budget = max_iter - it if final else min(STAGE_ITERS, max_iter - it - 1)
         for k in range(max(budget, 0)):
-            # Over-relaxed (weight omega) and frozen (weight 0) items in one lerp.
-            weight = omega * active
-            new_u = torch.add(c_u, Kv.clamp_min(tiny).log(), alpha=-lam1)
+            new_u = torch.add(c_u, Kv.clamp_min(tiny).log_(), alpha=-lam1)
             if any_dead:
                 new_u = torch.where(row_alive, new_u, zero_m)
             log_u = torch.lerp(log_u, new_u, weight).clamp_(-log_clamp, log_clamp)
             u = log_u.exp()
             KTu = torch.bmm(u.unsqueeze(1), K).squeeze(1)  # [B, N]
-            new_v = torch.add(c_v, KTu.clamp_min(tiny).log(), alpha=-lam2)
+            new_v = torch.add(c_v, KTu.clamp_min(tiny).log_(), alpha=-lam2)
             if any_dead:
                 new_v = torch.where(col_alive, new_v, zero_n)
             log_v = torch.lerp(log_v, new_v, weight).clamp_(-log_clamp, log_clamp)
             v = log_v.exp()
-            col_mass = v * KTu  # [B, N], unchanged by the translation below
             if translate:
+                col_mass = v * KTu  # [B, N], unchanged by the translation below
                 # Translation-invariant step (Sejourne et al., AISTATS 2022): f + t, g - t leaves
                 # the plan unchanged; the dual-optimal t removes Sinkhorn's slow mass mode. It
                 # goes into the absorbed potentials, which leaves the kernel as it is.
@@ -306,22 +311,25 @@ def sinkhorn(
             # short one, and always at the last iteration, so the final error is complete.
             fu = f + eps_s * log_u if finite1 else f
             gv = g + eps_s * log_v if finite2 else g
-            sides = [(rows, u * Kv, fu), (cols, col_mass, gv)]
+            sides = [(rows, u * Kv, fu), (cols, col_mass if translate else v * KTu, gv)]
             if M > N:
                 sides.reverse()
             short_err = _side_error(*sides[0])
-            if k + 1 == budget or bool(((short_err <= tol) & active[:, 0]).any()):
+            big = torch.maximum(log_u.abs().max(), log_v.abs().max()) > absorb_at
+            near, absorb = torch.stack([((short_err <= tol) & active[:, 0]).any(), big]).tolist()
+            if near or k + 1 == budget:
                 err = torch.maximum(short_err, _side_error(*sides[1]))
                 done = active[:, 0] & (err <= tol)
-                iterations = torch.where(done, it, iterations)
+                iterations.masked_fill_(done, it)
                 active = active & ~done[:, None]
+                if not bool(active.any()):
+                    break
             # Over-relaxation is not monotone far from the optimum: an item whose error grew
             # falls back to plain Sinkhorn for good.
-            omega = torch.where((short_err > last_err)[:, None], 1.0, omega)
+            omega.masked_fill_((short_err > last_err)[:, None], 1.0)
             last_err = short_err
-            if not bool(active.any()):
-                break
-            if bool(torch.maximum(log_u.abs().max(), log_v.abs().max()) > absorb_at):
+            weight = omega * active
+            if absorb:
                 f, g = f + eps_s * log_u, g + eps_s * log_v
                 K = kernel(cost, f, g, eps_s)
                 c_u = lam1 * log_a - (1 - lam1) / eps_s * f
@@ -337,7 +345,7 @@ def sinkhorn(
     if torch.is_grad_enabled():
         plan = kernel(cost, f, g, eps)
         err = marginal_error(plan.sum(-1), plan.sum(-2), rows, cols, f, g)
-    iterations = torch.where(active[:, 0], it, iterations)
+    iterations.masked_fill_(active[:, 0], it)
     return SinkhornOutput(
         plan=plan,
         f=torch.where(row_alive, f, zero_m),
