@@ -109,3 +109,35 @@ def test_reported_error_is_the_returned_plans_error(scale, taus):
     assert bool(both.any())
     diff = (m32.plan.double() - m64.plan).abs().sum((1, 2)) / 30
     assert float(diff[both].max()) < 1e-4
+
+
+@pytest.mark.parametrize("tau2", [INF, 0.0])  # (with 0 < tau2 < inf translation steps run
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # and compaction is off)
+def test_single_entry_columns_compaction_equals_dense(tau2, dtype, monkeypatch):
+    """OTA-like kernels (penalties, forbidden pairs, padding): solving the single-entry lines in
+    closed form gives the dense iteration's plan."""
+    import uotmatch._sinkhorn as S
+
+    g = torch.Generator().manual_seed(5)
+    B, M, N = 3, 400, 6
+    C = torch.rand(B, M, N, generator=g, dtype=dtype) * 3
+    C = C + 1e5 * (torch.rand(B, M, N, generator=g) < 0.9)  # most pairs far out of reach
+    C = C.masked_fill(torch.rand(B, M, N, generator=g) < 0.05, INF)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, 2] = False
+    bg = torch.rand(B, M, generator=g, dtype=dtype)
+    b = torch.full((N,), 5.0, dtype=dtype)
+    kw = dict(b=b, mask=mask, background_cost=bg, tol=1e-7 if dtype == torch.float64 else 1e-5)
+    built = []
+    build = S._Compaction.build
+    monkeypatch.setattr(
+        S._Compaction, "build", staticmethod(lambda *a: built.append(build(*a)) or built[-1])
+    )
+    compact = uotmatch.match(C, 0.05, INF, tau2, **kw)
+    assert built and built[0] is not None and built[0].idx.shape[1] < M // 2  # it did compact
+    monkeypatch.setattr(S, "COMPACT_MAX_FRACTION", 0.0)
+    dense = uotmatch.match(C, 0.05, INF, tau2, **kw)
+    assert bool(compact.converged.all()) and bool(dense.converged.all())
+    diff = (compact.plan - dense.plan).abs().sum((1, 2)) / M
+    assert float(diff.max()) < (1e-6 if dtype == torch.float64 else 1e-4)
+    assert torch.equal(compact.assignment(), dense.assignment())

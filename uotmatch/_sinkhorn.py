@@ -52,6 +52,11 @@ EPS_DECAY = 0.5
 MAX_EPS_RATIO = 2.0**12
 #: No eps-scaling unless the estimated dual range exceeds this many times eps.
 MIN_EPS_RATIO = 64.0
+#: Column compaction (:class:`_Compaction`) is used when at most this fraction of columns remain,
+#: for solves still running after ``COMPACT_AFTER`` iterations of the final stage (building it
+#: costs about as much as a few dense iterations).
+COMPACT_MAX_FRACTION = 0.5
+COMPACT_AFTER = 8
 #: Scaling iterations spent at each intermediate eps-scaling stage.
 STAGE_ITERS = 10
 #: Over-relaxation weight (1 = plain Sinkhorn); items whose error grows fall back to 1.
@@ -132,7 +137,7 @@ class _Side:
 def _side_error(side: _Side, actual: Tensor, potential: Tensor) -> Tensor:
     """:meth:`_Side.error`, or 0 for a free side or an empty dimension, ``[B]``."""
     e = side.error(actual, potential) if actual.shape[1] else None
-    return torch.zeros_like(actual[:, 0]) if e is None else e
+    return actual.new_zeros(actual.shape[0]) if e is None else e
 
 
 def marginal_error(
@@ -206,6 +211,104 @@ def eps_schedule(row_min: Tensor, col_min: Tensor, eps: float) -> list[float]:
     return stages + [eps]
 
 
+@dataclass
+class _Compaction:
+    """Columns whose kernel has a single usable entry, solved in closed form.
+
+    Under a hard column marginal (``tau2 = inf``, no translation), a column j whose kernel holds
+    one entry ``K_rj`` (the others floored to 0, e.g. penalty or forbidden costs) has the exact
+    update ``v_j = b_j / (K_rj u_r)``: it sends exactly ``b_j`` through row r, so its only effect
+    on the iteration is ``b_j / u_r`` in that row's ``K v``. Such columns leave the mat-vecs;
+    the rest are gathered into a compact kernel. (Kernel entries floored at build time stay
+    negligible until the next build, as in the dense iteration.)
+    """
+
+    idx: Tensor  # [B, L] the iterated columns
+    row: Tensor  # [B, N] row of each single-entry column's entry
+    log_k: Tensor  # [B, N] log of that entry
+    mass: Tensor  # [B, M] sum of b_j over the eliminated columns, per row
+
+    @classmethod
+    def build(cls, K: Tensor, log_b: Tensor, mass_b: Tensor, floor: float) -> _Compaction | None:
+        B, M, N = K.shape
+        # Per column, in one mat-mat product over sign(K) (reductions over dim 1 are slow on
+        # CPU): the number of nonzero entries and, for single-entry columns, their row.
+        ones_idx = torch.stack(
+            [
+                torch.ones(M, dtype=K.dtype, device=K.device),
+                torch.arange(M, dtype=K.dtype, device=K.device),
+            ]
+        )
+        count, row = torch.bmm(ones_idx.expand(B, 2, M), K.sign()).round_().long().unbind(1)
+        row = row.clamp_(0, M - 1)  # meaningful where count == 1
+        top = K.gather(1, row.unsqueeze(1)).squeeze(1)  # [B, N]
+        single = (count == 1) & (top > math.exp(floor / 2))  # v_j stays far from overflow
+        keep = ~single
+        L = max(int(keep.sum(1).max()), 1)  # at least one iterated column: no empty reductions
+        if L > COMPACT_MAX_FRACTION * N:
+            return None
+        idx = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True)[1][:, :L]
+        eliminated = torch.ones_like(keep).scatter_(1, idx, False)  # all single (keep first)
+        mass = torch.zeros(B, M, dtype=K.dtype, device=K.device)
+        mass.scatter_add_(1, row, torch.where(eliminated, mass_b, 0.0))
+        return cls(idx, row, top.clamp_min(torch.finfo(K.dtype).tiny).log(), mass)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """``[B, N]`` -> ``[B, L]``."""
+        return x.gather(1, self.idx)
+
+    def kernel(self, K: Tensor) -> Tensor:
+        """``[B, M, N]`` -> ``[B, M, L]``."""
+        return K.gather(2, self.idx.unsqueeze(1).expand(-1, K.shape[1], -1))
+
+    def expand(self, log_v: Tensor, log_b: Tensor, log_u: Tensor) -> Tensor:
+        """Full ``[B, N]`` log scalings: the iterated ones, and ``log b - log K_rj - log u_r``."""
+        closed = log_b - self.log_k - log_u.gather(1, self.row)
+        return closed.scatter(1, self.idx, log_v)
+
+
+@dataclass
+class _Work:
+    """The column-side state the iteration runs on: all columns, or a :class:`_Compaction`."""
+
+    K: Tensor  # [B, M, N] or [B, M, L]
+    c_v: Tensor  # [B, N] or [B, L]
+    log_v: Tensor
+    alive: Tensor
+    cols: _Side
+    compact: _Compaction | None
+
+    @classmethod
+    def make(cls, K, g, log_b, lam2, eps, cols, col_alive, compact, floor, log_v=None) -> _Work:
+        """All columns, or (``compact``) the compaction of ``K`` if it pays; ``log_v`` is the
+        current full ``[B, N]`` state (zeros at a fresh kernel)."""
+        c_v = lam2 * log_b - (1 - lam2) / eps * g
+        log_v = torch.zeros_like(g) if log_v is None else log_v
+        cp = _Compaction.build(K, log_b, cols.mass, floor) if compact else None
+        if cp is None:
+            return cls(K, c_v, log_v, col_alive, cols, None)
+        side = _Side(
+            cp.gather(cols.log_mass),
+            cp.gather(cols.alive),
+            cols.tau,
+            cp.gather(cols.mass),
+            cols.scale,
+        )
+        return cls(cp.kernel(K), cp.gather(c_v), cp.gather(log_v), cp.gather(col_alive), side, cp)
+
+    def gather(self, x: Tensor) -> Tensor:
+        return x if self.compact is None else self.compact.gather(x)
+
+    def extra(self, u: Tensor) -> Tensor | float:
+        """What the eliminated columns add to ``K v``: ``b_j / u_r`` per row r."""
+        return 0.0 if self.compact is None else self.compact.mass / u
+
+    def full_log_v(self, log_b: Tensor, log_u: Tensor) -> Tensor:
+        if self.compact is None:
+            return self.log_v
+        return self.compact.expand(self.log_v, log_b, log_u)
+
+
 def sinkhorn(
     cost: Tensor,
     log_a: Tensor,
@@ -264,6 +367,13 @@ def sinkhorn(
         f = torch.where(row_alive, row_min, zero_m)
 
     translate = 0 < tau1 and 0 < tau2 and not (math.isinf(tau1) and math.isinf(tau2))
+    compactable = (
+        COMPACT_MAX_FRACTION > 0
+        and math.isinf(tau2)
+        and not translate
+        and N > M
+        and not torch.is_grad_enabled()
+    )
     if cost.is_cuda:
         check_every = CHECK_EVERY_CUDA
     else:  # a check is ~30 tiny ops: on small problems that is several mat-vecs' worth
@@ -282,10 +392,9 @@ def sinkhorn(
         # The updates in log-scaling form, on the kernel absorbed at (f, g):
         #   log u = lam1 (log a - log K v) - (1 - lam1) f / eps, likewise log v.
         c_u = lam1 * log_a - (1 - lam1) / eps_s * f
-        c_v = lam2 * log_b - (1 - lam2) / eps_s * g
-        log_u, log_v = zero_m, zero_n
-        u, v = torch.ones_like(f), torch.ones_like(g)
-        Kv = K.sum(-1)  # K @ 1
+        log_u, u = zero_m, torch.ones_like(f)
+        work = _Work.make(K, g, log_b, lam2, eps_s, cols, col_alive, False, floor)
+        Kv = work.K.sum(-1)  # K @ 1
         budget = max_iter - it if final else min(STAGE_ITERS, max_iter - it - 1)
         for k in range(max(budget, 0)):
             new_u = torch.add(c_u, Kv.clamp_min(tiny).log_(), alpha=-lam1)
@@ -293,41 +402,50 @@ def sinkhorn(
                 new_u = torch.where(row_alive, new_u, zero_m)
             log_u = torch.lerp(log_u, new_u, weight).clamp_(-log_clamp, log_clamp)
             u = log_u.exp()
-            KTu = torch.bmm(u.unsqueeze(1), K).squeeze(1)  # [B, N]
-            new_v = torch.add(c_v, KTu.clamp_min(tiny).log_(), alpha=-lam2)
+            KTu = torch.bmm(u.unsqueeze(1), work.K).squeeze(1)  # [B, N] or [B, L]
+            new_v = torch.add(work.c_v, KTu.clamp_min(tiny).log_(), alpha=-lam2)
             if any_dead:
-                new_v = torch.where(col_alive, new_v, zero_n)
-            log_v = torch.lerp(log_v, new_v, weight).clamp_(-log_clamp, log_clamp)
-            v = log_v.exp()
+                new_v = torch.where(work.alive, new_v, 0.0)
+            work.log_v = torch.lerp(work.log_v, new_v, weight).clamp_(-log_clamp, log_clamp)
+            v = work.log_v.exp()
             if translate:
                 col_mass = v * KTu  # [B, N], unchanged by the translation below
                 # Translation-invariant step (Sejourne et al., AISTATS 2022): f + t, g - t leaves
                 # the plan unchanged; the dual-optimal t removes Sinkhorn's slow mass mode. It
                 # goes into the absorbed potentials, which leaves the kernel as it is.
-                fu, gv = f + eps_s * log_u, g + eps_s * log_v
+                fu, gv = f + eps_s * log_u, g + eps_s * work.log_v
                 t = _optimal_translation(log_a, log_b, fu, gv, tau1, tau2, row_alive, col_alive)
                 t = torch.where(row_alive.any(-1, keepdim=True), t[:, None] * active, 0.0)
                 f, g = f + t, g - t
                 c_u = c_u - (1 - lam1) / eps_s * t
-                c_v = c_v + (1 - lam2) / eps_s * t
+                work.c_v = work.c_v + (1 - lam2) / eps_s * t
             # v^T K^T rather than K v: a row-vector times the transposed view is ~8x faster on
             # CPU (a strided mat-vec with a short inner dimension is not).
-            Kv = torch.bmm(v.unsqueeze(1), K.mT).squeeze(1)  # [B, M]
+            Kv = torch.bmm(v.unsqueeze(1), work.K.mT).squeeze(1) + work.extra(u)  # [B, M]
             it += 1
+            if final and compactable and work.compact is None and k + 1 == COMPACT_AFTER:
+                # Still not converged: iterate on the multi-entry columns only from here on.
+                work = _Work.make(
+                    K, g, log_b, lam2, eps_s, cols, col_alive, True, floor, work.log_v
+                )
+                if work.compact is not None:
+                    v = work.log_v.exp()
+                    Kv = torch.bmm(v.unsqueeze(1), work.K.mT).squeeze(1) + work.extra(u)
+                    KTu = torch.bmm(u.unsqueeze(1), work.K).squeeze(1)
             if not final or ((k + 1) % check_every and k + 1 < budget):
                 continue
             # The short side first (cheap); the long side only once some item meets tol on the
             # short one, and always at the last iteration, so the final error is complete.
             fu = f + eps_s * log_u if finite1 else f
-            gv = g + eps_s * log_v if finite2 else g
-            sides = [(rows, u * Kv, fu), (cols, col_mass if translate else v * KTu, gv)]
+            gv = work.gather(g) + eps_s * work.log_v if finite2 else work.gather(g)
+            sides = [(rows, u * Kv, fu), (work.cols, col_mass if translate else v * KTu, gv)]
             if M > N:
                 sides.reverse()
             short_err = _side_error(*sides[0])
             # The clamp bounds |log u|, |log v| at all times (so floored kernel entries stay
             # negligible); absorbing only restores full-length steps, so look every few checks.
             if it % ABSORB_CHECK_EVERY < check_every:
-                big = torch.maximum(log_u.abs().max(), log_v.abs().max()) > absorb_at
+                big = torch.maximum(log_u.abs().max(), work.log_v.abs().max()) > absorb_at
             else:
                 big = torch.zeros((), dtype=torch.bool, device=cost.device)
             near, absorb = torch.stack([((short_err <= tol) & active[:, 0]).any(), big]).tolist()
@@ -344,16 +462,17 @@ def sinkhorn(
             last_err = short_err
             weight = omega * active
             if absorb:
-                f, g = f + eps_s * log_u, g + eps_s * log_v
+                f, g = f + eps_s * log_u, g + eps_s * work.full_log_v(log_b, log_u)
                 K = kernel(cost, f, g, eps_s, out=K)
                 c_u = lam1 * log_a - (1 - lam1) / eps_s * f
-                c_v = lam2 * log_b - (1 - lam2) / eps_s * g
-                log_u, log_v = zero_m, zero_n
-                u, v = torch.ones_like(f), torch.ones_like(g)
-                Kv = K.sum(-1)
+                log_u, u = zero_m, torch.ones_like(f)
+                keep_compact = work.compact is not None
+                work = _Work.make(K, g, log_b, lam2, eps_s, cols, col_alive, keep_compact, floor)
+                Kv = work.K.sum(-1) + work.extra(u)
+        log_v = work.full_log_v(log_b, log_u)
         if final and not torch.is_grad_enabled():
             # diag(u) K diag(v), in place: the plan whose marginals the last check measured.
-            plan = K.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
+            plan = K.mul_(u.unsqueeze(-1)).mul_(log_v.exp().unsqueeze(-2))
         f, g = f + eps_s * log_u, g + eps_s * log_v
 
     if torch.is_grad_enabled():
