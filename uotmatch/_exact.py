@@ -78,7 +78,10 @@ def balanced(
     A = a.detach().cpu().numpy()
     Bm = b.detach().cpu().numpy()
     plan = np.zeros_like(C)
+    fast = _unit_hungarian_with_background(C, A, Bm, has_background, plan)
     for i in range(C.shape[0]):
+        if fast:
+            break
         rows = np.flatnonzero(A[i] > 0)
         cols = np.flatnonzero(Bm[i] > 0)
         if rows.size == 0 or cols.size == 0:
@@ -111,12 +114,35 @@ def balanced(
     return torch.from_numpy(plan).to(cost), potentials
 
 
-def _hungarian(cost: np.ndarray, item: int) -> np.ndarray:
-    """0/1 plan of ``linear_sum_assignment`` (every column matched when ``N <= M``)."""
+def _unit_hungarian_with_background(C, A, Bm, has_background, plan) -> bool:
+    """The DETR case for the whole batch at once, when it applies: unit masses, every real column
+    present, a finite background with positive mass. Fills ``plan``; False if not applicable."""
+    n_real = C.shape[2] - 1
+    if not has_background or n_real < 1 or not np.all(A == 1.0):
+        return False
+    if not (np.all(Bm[:, :n_real] == 1.0) and np.all(Bm[:, -1] > 0)):
+        return False
+    if not np.all(np.isfinite(C[:, :, -1])):
+        return False
+    sub = C[:, :, :n_real] - C[:, :, -1:]  # [B, M, N]: cost relative to staying background
+    plan[:, :, -1] = 1.0
+    for i in range(C.shape[0]):
+        r, c = linear_sum_assignment_or_raise(sub[i], item=i)
+        plan[i, r, c] = 1.0
+        plan[i, r, -1] = 0.0
+    return True
+
+
+def linear_sum_assignment_or_raise(cost: np.ndarray, item: int):
     try:
-        r, c = linear_sum_assignment(cost)
+        return linear_sum_assignment(cost)
     except ValueError as exc:  # scipy: "cost matrix is infeasible"
         raise _infeasible(item) from exc
+
+
+def _hungarian(cost: np.ndarray, item: int) -> np.ndarray:
+    """0/1 plan of ``linear_sum_assignment`` (every column matched when ``N <= M``)."""
+    r, c = linear_sum_assignment_or_raise(cost, item)
     out = np.zeros_like(cost)
     out[r, c] = 1.0
     return out

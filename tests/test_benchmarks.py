@@ -1,0 +1,22 @@
+"""The benchmark scripts run (tiny sizes) and their solvers meet the stated error."""
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_solver_quick(capsys):
+    rows = _load("bench_solver").main(["--quick", "--repeats", "1"])
+    assert len(rows) == 3
+    for row in rows:
+        ours_error, pot_error = row[5], row[8]
+        assert ours_error < 1e-3 and pot_error < 1e-3
+    assert "| OTA-like (error < 0.001) |" in capsys.readouterr().out
