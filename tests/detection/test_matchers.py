@@ -1,0 +1,112 @@
+"""DETR-style matchers: DETR's own computation, Hungarian limit, empty images, bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+
+from uotmatch.detection import HungarianMatcher, UOTMatcher
+from uotmatch.detection.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+
+INF = math.inf
+
+
+def _batch(seed, B=3, Q=12, K=6, sizes=(3, 0, 5)):
+    g = torch.Generator().manual_seed(seed)
+    outputs = {
+        "pred_logits": torch.randn(B, Q, K + 1, generator=g),
+        "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.1,
+    }
+    targets = [
+        {
+            "labels": torch.randint(K, (n,), generator=g),
+            "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.1,
+        }
+        for n in sizes[:B]
+    ]
+    return outputs, targets
+
+
+def _detr_reference(outputs, targets, w_class=1.0, w_bbox=5.0, w_giou=2.0):
+    """facebookresearch/detr models/matcher.py, verbatim in substance (flattened batch)."""
+    bs, nq = outputs["pred_logits"].shape[:2]
+    out_prob = outputs["pred_logits"].flatten(0, 1).softmax(-1)
+    out_bbox = outputs["pred_boxes"].flatten(0, 1)
+    tgt_ids = torch.cat([v["labels"] for v in targets])
+    tgt_bbox = torch.cat([v["boxes"] for v in targets])
+    cost_class = -out_prob[:, tgt_ids]
+    cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
+    cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
+    C = (w_bbox * cost_bbox + w_class * cost_class + w_giou * cost_giou).view(bs, nq, -1)
+    sizes = [len(v["boxes"]) for v in targets]
+    idx = [linear_sum_assignment(c[i]) for i, c in enumerate(C.split(sizes, -1))]
+    return [
+        (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+        for i, j in idx
+    ]
+
+
+@given(st.integers(0, 10_000))
+def test_hungarian_matcher_equals_detr(seed):
+    outputs, targets = _batch(seed)
+    ours, ref = HungarianMatcher()(outputs, targets), _detr_reference(outputs, targets)
+    for (pi, gi), (pr, gr) in zip(ours, ref, strict=True):
+        assert torch.equal(pi, pr) and torch.equal(gi, gr)
+        assert pi.dtype == torch.int64 and gi.dtype == torch.int64
+
+
+@given(st.integers(0, 10_000), st.sampled_from([0.0, 0.7, -3.0]))
+def test_uot_matcher_hungarian_limit_equals_hungarian(seed, background):
+    outputs, targets = _batch(seed, B=4, Q=20, sizes=(3, 0, 7, 20))
+    uot = UOTMatcher(eps=0.0, tau1=INF, tau2=INF, background_cost=background)(outputs, targets)
+    hun = HungarianMatcher()(outputs, targets)
+    for (pu, gu), (ph, gh) in zip(uot, hun, strict=True):
+        assert torch.equal(pu, ph) and torch.equal(gu, gh)
+
+
+def test_zero_targets_give_empty_pairs():
+    outputs, targets = _batch(0, B=2, sizes=(0, 0))
+    for matcher in (HungarianMatcher(), UOTMatcher(), UOTMatcher(eps=0.0)):
+        for pred, gt in matcher(outputs, targets):
+            assert pred.numel() == 0 and gt.numel() == 0
+
+
+def test_uot_matcher_soft_plan():
+    outputs, targets = _batch(1)
+    m = UOTMatcher(eps=0.05).solve(outputs, targets)
+    assert m.plan.shape == (3, 12, 6)  # G = 5 (max), + background
+    assert torch.all(m.plan[0, :, 3:5] == 0)  # image 0 has 3 targets: padded columns are 0
+    torch.testing.assert_close(m.plan.sum(-1), torch.ones(3, 12), atol=1e-4, rtol=0)
+    assert bool(m.converged.all())
+    # each real target receives one unit (balanced): mass on real columns
+    torch.testing.assert_close(m.plan[2, :, :5].sum(0), torch.ones(5), atol=1e-4, rtol=0)
+
+
+def test_focal_cost_variant():
+    outputs, targets = _batch(2)
+    outputs["pred_logits"] = outputs["pred_logits"][..., :-1]  # no no-object logit with focal
+    pairs = HungarianMatcher(focal=True)(outputs, targets)
+    assert [len(p) for p, _ in pairs] == [3, 0, 5]
+    # the focal class cost prefers confident predictions: one target, one confident query
+    logits = torch.full((1, 4, 6), -5.0)
+    logits[0, 2, 1] = 5.0
+    out = {"pred_logits": logits, "pred_boxes": torch.full((1, 4, 4), 0.5)}
+    tgt = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    assert HungarianMatcher(focal=True)(out, tgt)[0][0].tolist() == [2]
+
+
+def test_bad_input():
+    outputs, targets = _batch(0)
+    with pytest.raises(ValueError, match="outputs must be a dict with 'pred_logits'"):
+        HungarianMatcher()({"pred_logits": outputs["pred_logits"]}, targets)
+    with pytest.raises(ValueError, match=r"batch and query sizes must agree.*5 targets"):
+        HungarianMatcher()(outputs, targets[:2] + targets)
+    bad = [dict(t) for t in targets]
+    bad[0]["boxes"] = bad[0]["boxes"][:, :2]
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\] must be \[3, 4\]"):
+        UOTMatcher()(outputs, bad)
+    with pytest.raises(ValueError, match="cannot all be 0"):
+        HungarianMatcher(0, 0, 0)
