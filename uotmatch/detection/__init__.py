@@ -6,12 +6,14 @@ Dense detectors (one row per anchor point): :class:`OTAAssigner`, :class:`UOTAss
 Everything is batched over images (ground truths padded, with a mask) and runs without gradients.
 """
 
+from uotmatch.detection._dense import AssignResult
 from uotmatch.detection._matchers import (
     HungarianMatcher,
     UOTMatcher,
     pad_targets,
     set_matching_cost,
 )
+from uotmatch.detection._ota import CENTER_PRIOR_PENALTY, OTAAssigner, UOTAssigner
 from uotmatch.detection.boxes import (
     aligned_giou,
     aligned_iou,
@@ -25,6 +27,10 @@ from uotmatch.detection.boxes import (
 )
 
 __all__ = [
+    "CENTER_PRIOR_PENALTY",
+    "AssignResult",
+    "OTAAssigner",
+    "UOTAssigner",
     "HungarianMatcher",
     "UOTMatcher",
     "pad_targets",
