@@ -14,6 +14,7 @@ from uotmatch.detection._matchers import (
     set_matching_cost,
 )
 from uotmatch.detection._ota import CENTER_PRIOR_PENALTY, OTAAssigner, UOTAssigner
+from uotmatch.detection._rules import ATSSAssigner, FCOSAssigner, SimOTAAssigner
 from uotmatch.detection.boxes import (
     aligned_giou,
     aligned_iou,
@@ -28,6 +29,9 @@ from uotmatch.detection.boxes import (
 
 __all__ = [
     "CENTER_PRIOR_PENALTY",
+    "ATSSAssigner",
+    "FCOSAssigner",
+    "SimOTAAssigner",
     "AssignResult",
     "OTAAssigner",
     "UOTAssigner",

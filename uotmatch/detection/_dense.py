@@ -76,9 +76,9 @@ def check_inputs(points, strides, gt_boxes, gt_labels, gt_mask, cls_logits=None,
     return gt_mask
 
 
-def inside_boxes(points: Tensor, gt_boxes: Tensor) -> Tensor:
-    """``[B, A, G]``: the point is inside the box (by more than ``INSIDE_MARGIN``)."""
-    return points_to_ltrb(points, gt_boxes).amin(-1) > INSIDE_MARGIN
+def inside_boxes(points: Tensor, gt_boxes: Tensor, margin: float = INSIDE_MARGIN) -> Tensor:
+    """``[B, A, G]``: the point is inside the box (by more than ``margin``)."""
+    return points_to_ltrb(points, gt_boxes).amin(-1) > margin
 
 
 def inside_centre(

@@ -1,0 +1,200 @@
+"""SimOTA, FCOS and ATSS against per-image references written from the official code, and
+hand-built scenes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.detection.scenes import anchor_points, scene
+from uotmatch.detection import ATSSAssigner, FCOSAssigner, SimOTAAssigner
+from uotmatch.detection.boxes import box_iou
+
+
+def yolox_simota(points, strides, logits, pred, gt_boxes, gt_labels):
+    """One image, as YOLOX's get_assignments + dynamic_k_matching (no objectness branch)."""
+    G, A, K = len(gt_boxes), len(points), logits.shape[-1]
+    x, y = points[:, 0], points[:, 1]
+    left, t, r, b = gt_boxes.T
+    in_box = (
+        torch.stack(
+            [
+                x[None] - left[:, None],
+                y[None] - t[:, None],
+                r[:, None] - x[None],
+                b[:, None] - y[None],
+            ],
+            2,
+        )
+        .min(-1)
+        .values
+        > 0.0
+    )
+    cx, cy, rad = (left + r) / 2, (t + b) / 2, 2.5 * strides
+    in_ctr = (
+        torch.stack(
+            [
+                x[None] - (cx[:, None] - rad[None]),
+                y[None] - (cy[:, None] - rad[None]),
+                (cx[:, None] + rad[None]) - x[None],
+                (cy[:, None] + rad[None]) - y[None],
+            ],
+            2,
+        )
+        .min(-1)
+        .values
+        > 0.0
+    )
+    fg_mask = in_box.any(0) | in_ctr.any(0)
+    geometry = in_box[:, fg_mask] & in_ctr[:, fg_mask]
+    ious = box_iou(gt_boxes, pred[fg_mask])
+    nfg = int(fg_mask.sum())
+    gt_cls = F.one_hot(gt_labels, K).float()
+    cls = F.binary_cross_entropy(
+        logits[fg_mask].sigmoid()[None].repeat(G, 1, 1),
+        gt_cls[:, None].repeat(1, nfg, 1),
+        reduction="none",
+    ).sum(-1)
+    cost = cls + 3.0 * -torch.log(ious + 1e-8) + 100000.0 * (~geometry)
+    matching = torch.zeros_like(cost)
+    ks = torch.clamp(ious.topk(min(10, nfg), dim=1).values.sum(1).int(), min=1)
+    for g in range(G):
+        _, pos = torch.topk(cost[g], k=int(ks[g]), largest=False)
+        matching[g][pos] = 1
+    multi = matching.sum(0) > 1
+    if multi.any():
+        _, argmin = torch.min(cost[:, multi], dim=0)
+        matching[:, multi] *= 0
+        matching[argmin, multi] = 1
+    out = torch.full((A,), -1, dtype=torch.long)
+    taken = matching.sum(0) > 0
+    out[torch.nonzero(fg_mask).flatten()[taken]] = matching[:, taken].argmax(0)
+    return out
+
+
+def atss_reference(points, strides, gt_boxes, topk=9, scale=8.0):
+    """One image, as the official ATSS prepare_targets (FCOS-style: one anchor per point)."""
+    G = len(gt_boxes)
+    half = (scale * strides / 2)[:, None]
+    anchors = torch.cat([points - half, points + half], -1)
+    ious = box_iou(anchors, gt_boxes)  # [A, G]
+    gt_points = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    distances = (points[:, None, :] - gt_points[None]).pow(2).sum(-1).sqrt()
+    candidate_idxs, start = [], 0
+    for s in strides.unique(sorted=True).tolist():
+        n = int((strides == s).sum())
+        k = min(topk, n)
+        _, idx = distances[start : start + n].topk(k, dim=0, largest=False)
+        candidate_idxs.append(idx + start)
+        start += n
+    candidate_idxs = torch.cat(candidate_idxs, 0)  # [9L, G]
+    candidate_ious = ious[candidate_idxs, torch.arange(G)]
+    thresh = candidate_ious.mean(0) + candidate_ious.std(0)
+    is_pos = candidate_ious >= thresh[None]
+    cx, cy = points[candidate_idxs, 0], points[candidate_idxs, 1]
+    ltrb = torch.stack(
+        [cx - gt_boxes[:, 0], cy - gt_boxes[:, 1], gt_boxes[:, 2] - cx, gt_boxes[:, 3] - cy], 1
+    )
+    is_pos &= ltrb.min(1).values > 0.01
+    ious_inf = torch.full_like(ious, -math.inf)
+    cols = torch.arange(G).expand_as(candidate_idxs)
+    ious_inf[candidate_idxs[is_pos], cols[is_pos]] = ious[candidate_idxs[is_pos], cols[is_pos]]
+    values, index = ious_inf.max(1)
+    return torch.where(values == -math.inf, -1, index)
+
+
+@given(st.integers(0, 10_000))
+def test_simota_equals_yolox(seed):
+    points, strides, logits, pred, gt_boxes, gt_labels, gt_mask = scene(seed, B=3, G=4)
+    r = SimOTAAssigner()(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask)
+    for b in range(3):
+        real = gt_mask[b]
+        ref = yolox_simota(
+            points, strides, logits[b], pred[b], gt_boxes[b][real], gt_labels[b][real]
+        )
+        assert r.gt_index[b].tolist() == ref.tolist()
+
+
+@given(st.integers(0, 10_000))
+def test_atss_equals_official(seed):
+    points, strides, _, _, gt_boxes, gt_labels, gt_mask = scene(seed, B=3, G=4, strides=(8, 16, 32))
+    r = ATSSAssigner()(points, strides, gt_boxes, gt_labels, gt_mask)
+    for b in range(3):
+        ref = atss_reference(points, strides, gt_boxes[b][gt_mask[b]])
+        assert r.gt_index[b].tolist() == ref.tolist()
+
+
+def test_fcos_hand_built():
+    points, strides = anchor_points(256, 256, strides=(8, 16, 32))
+    # a 40 px box (reach <= 64: level stride 8), a 200 px box (reach 64-128: stride 16), and a
+    # small box inside the big one (ambiguity: the smaller area wins)
+    gt_boxes = torch.tensor(
+        [[[8.0, 8.0, 48.0, 48.0], [40.0, 40.0, 240.0, 240.0], [120.0, 120.0, 152.0, 152.0]]]
+    )
+    gt_labels = torch.tensor([[0, 1, 2]])
+    r = FCOSAssigner(radius=1.5)(points, strides, gt_boxes, gt_labels)
+
+    def at(x, y, s):
+        return int(((points[:, 0] == x) & (points[:, 1] == y) & (strides == s)).nonzero())
+
+    assert int(r.gt_index[0, at(28, 28, 8)]) == 0  # centre of box 0, level 8
+    assert int(r.gt_index[0, at(24, 24, 16)]) == -1  # box 0 at the wrong level (reach 24 < 64)
+    assert int(r.gt_index[0, at(132, 132, 8)]) == 2  # small box, level 8 (reach 20; big: 108)
+    assert int(r.gt_index[0, at(136, 136, 16)]) == 1  # big box, level 16 (reach 104)
+    assert int(r.gt_index[0, at(12, 12, 8)]) == -1  # inside box 0 but outside its 1.5-stride centre
+    # without centre sampling the corner point of box 0 is positive (reach 36 in range)
+    r_all = FCOSAssigner(radius=None)(points, strides, gt_boxes, gt_labels)
+    assert int(r_all.gt_index[0, at(12, 12, 8)]) == 0
+    assert r.labels[0, at(132, 132, 8)] == 2 and r.num_fg.item() == int(r.fg_mask.sum())
+
+
+def test_fcos_ambiguity_takes_the_smallest_area():
+    points, strides = anchor_points(64, 64, strides=(8,))
+    gt_boxes = torch.tensor([[[0.0, 0.0, 64.0, 64.0], [16.0, 16.0, 48.0, 48.0]]])
+    r = FCOSAssigner(radius=None, size_ranges=((0, math.inf),))(
+        points, strides, gt_boxes, torch.tensor([[0, 1]])
+    )
+    inner = (points[:, 0] > 16) & (points[:, 0] < 48) & (points[:, 1] > 16) & (points[:, 1] < 48)
+    assert (r.gt_index[0][inner] == 1).all() and (r.gt_index[0][~inner] == 0).all()
+
+
+def test_simota_hand_built():
+    """One box; the two anchors predicting it exactly and confidently are its k cheapest."""
+    points, strides = anchor_points(64, 64, strides=(8,))
+    gt = torch.tensor([[[16.0, 16.0, 48.0, 48.0]]])
+    A = len(points)
+    logits = torch.full((1, A, 3), -4.0)
+    pred = torch.tensor([[20.0, 20.0, 30.0, 30.0]]).repeat(1, A, 1)
+    good = [
+        int(((points[:, 0] == 28) & (points[:, 1] == 28)).nonzero()),
+        int(((points[:, 0] == 36) & (points[:, 1] == 36)).nonzero()),
+    ]
+    for i in good:
+        logits[0, i, 1] = 4.0
+        pred[0, i] = gt[0, 0]
+    r = SimOTAAssigner()(points, strides, logits, pred, gt, torch.tensor([[1]]))
+    # k = floor(1 + 1 + small IoUs) = 2
+    assert sorted(torch.nonzero(r.fg_mask[0]).flatten().tolist()) == sorted(good)
+    assert (r.ious[0, good] > 0.999).all()
+
+
+def test_rules_handle_empty_images():
+    points, strides, logits, pred, gt_boxes, gt_labels, _ = scene(0, B=2, G=2)
+    none = torch.zeros(2, 2, dtype=torch.bool)
+    for result in (
+        SimOTAAssigner()(points, strides, logits, pred, gt_boxes, gt_labels, none),
+        FCOSAssigner()(points, strides, gt_boxes, gt_labels, none),
+        ATSSAssigner()(points, strides, gt_boxes, gt_labels, none),
+    ):
+        assert (result.gt_index == -1).all() and result.num_fg.tolist() == [0, 0]
+
+
+def test_fcos_needs_a_size_range_per_level():
+    points, strides = anchor_points(64, 64, strides=(8, 16))
+    with pytest.raises(ValueError, match="2 feature levels .* but only 1 size_ranges"):
+        FCOSAssigner(size_ranges=((0, 64),))(
+            points, strides, torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long)
+        )
