@@ -20,3 +20,13 @@ def test_bench_solver_quick(capsys):
         ours_error, pot_error = row[5], row[8]
         assert ours_error < 1e-3 and pot_error < 1e-3
     assert "| OTA-like (error < 0.001) |" in capsys.readouterr().out
+
+
+def test_bench_assigners_quick(capsys):
+    rows = _load("bench_assigners").main(["--quick", "--repeats", "1"])
+    assert len(rows) == 2
+    for row in rows:
+        differing_from_official, differing_from_dense = row[6], row[8]
+        assert differing_from_dense == 0 and differing_from_official == 0
+    out = capsys.readouterr().out
+    assert "| COCO-like, 7 gts/image |" in out and "| DETR matcher, batch 16 |" in out

@@ -145,10 +145,38 @@ def bce_costs(prob: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return background[..., None] + swap, background
 
 
+def candidate_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the anchors to keep, ``rows [B, A]`` True first (stable), padded to the batch's
+    largest count: ``idx [B, L]`` and ``real [B, L]`` (False on padding)."""
+    B, A = rows.shape
+    n = rows.sum(1)  # [B]
+    L = max(int(n.max()), 1) if B else 1
+    position = torch.where(rows, rows.cumsum(1) - 1, n[:, None] + (~rows).cumsum(1) - 1)
+    arange = torch.arange(A, device=rows.device).expand(B, A)
+    idx = torch.empty_like(position).scatter_(1, position, arange)[:, :L]
+    return idx, torch.arange(L, device=rows.device)[None] < n[:, None]
+
+
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``[B, A, D]`` -> ``[B, L, D]`` at ``idx [B, L]``."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_rows(sub: Tensor, idx: Tensor, A: int, fill) -> Tensor:
+    """``[B, L]`` values at ``idx`` into a ``[B, A]`` tensor filled with ``fill`` elsewhere."""
+    out = torch.full((sub.shape[0], A), fill, dtype=sub.dtype, device=sub.device)
+    return out.scatter_(1, idx, sub)
+
+
 def result_from_index(
-    gt_index: Tensor, gt_labels: Tensor, gt_boxes: Tensor, ious: Tensor | None
+    gt_index: Tensor,
+    gt_labels: Tensor,
+    gt_boxes: Tensor,
+    ious: Tensor | None = None,
+    anchor_ious: Tensor | None = None,
 ) -> AssignResult:
-    """Gather the per-anchor targets of ``gt_index [B, A]`` (-1 = background)."""
+    """Gather the per-anchor targets of ``gt_index [B, A]`` (-1 = background); the IoU target
+    from pairwise ``ious [B, A, G]``, or given per anchor as ``anchor_ious [B, A]``."""
     fg = gt_index >= 0
     if gt_boxes.shape[1] == 0:  # no ground truth in the whole batch: all background
         B, A = gt_index.shape
@@ -159,7 +187,9 @@ def result_from_index(
     idx = gt_index.clamp_min(0)
     labels = torch.where(fg, gt_labels.gather(1, idx), -1)
     boxes = gt_boxes.gather(1, idx[..., None].expand(-1, -1, 4)) * fg[..., None]
-    if ious is None or ious.shape[-1] == 0:
+    if anchor_ious is not None:
+        iou = anchor_ious * fg
+    elif ious is None or ious.shape[-1] == 0:
         iou = torch.zeros(gt_index.shape, dtype=gt_boxes.dtype, device=gt_boxes.device)
     else:
         iou = ious.gather(2, idx[..., None]).squeeze(-1) * fg

@@ -10,12 +10,15 @@ from torch import Tensor
 from uotmatch._match import match
 from uotmatch.detection._dense import (
     AssignResult,
+    candidate_rows,
     check_inputs,
     ensure_candidate,
     focal_costs,
+    gather_rows,
     inside_boxes,
     inside_centre,
     result_from_index,
+    scatter_rows,
 )
 from uotmatch.detection.boxes import box_iou
 
@@ -88,18 +91,30 @@ class UOTAssigner:
         self.max_iter, self.tol = max_iter, tol
         self.compact = compact and math.isinf(tau1) and math.isinf(tau2)
 
-    def costs(self, points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask):
-        """``cost [B, A, G]``, ``background [B, A]``, ``ious [B, A, G]``, ``candidate`` bool
-        ``[B, A, G]``: the pairwise costs, background cost, IoUs and centre prior."""
+    def candidates(self, points, strides, gt_boxes, gt_mask) -> Tensor:
+        """``[B, A, G]`` bool centre prior: inside the box and within ``radius * stride`` of its
+        centre (a real ground truth holding no point keeps its nearest one)."""
         candidate = inside_boxes(points, gt_boxes) & inside_centre(
             points, strides, gt_boxes, self.radius, clip=True
         )
-        candidate = ensure_candidate(candidate & gt_mask[:, None], points, gt_boxes, gt_mask)
+        return ensure_candidate(candidate & gt_mask[:, None], points, gt_boxes, gt_mask)
+
+    def pair_costs(self, cls_logits, pred_boxes, gt_boxes, gt_labels, candidate):
+        """For anchors ``[B, R, ...]``: ``cost [B, R, G]``, ``background [B, R]``, ``ious``."""
         cls, background = focal_costs(cls_logits, gt_labels, self.focal_alpha, self.focal_gamma)
-        ious = box_iou(pred_boxes.float(), gt_boxes.float())  # [B, A, G]
+        ious = box_iou(pred_boxes.float(), gt_boxes.float())  # [B, R, G]
         cost = self.cls_weight * cls - self.reg_weight * (ious + IOU_LOG_EPS).log()
         cost = cost + CENTER_PRIOR_PENALTY * ~candidate
-        return cost, self.cls_weight * background, ious, candidate
+        return cost, self.cls_weight * background, ious
+
+    def costs(self, points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask):
+        """The dense problem over all anchors: ``cost [B, A, G]``, ``background [B, A]``,
+        ``ious [B, A, G]`` and the centre prior ``candidate [B, A, G]``."""
+        candidate = self.candidates(points.float(), strides.float(), gt_boxes.float(), gt_mask)
+        cost, background, ious = self.pair_costs(
+            cls_logits, pred_boxes, gt_boxes.float(), gt_labels, candidate
+        )
+        return cost, background, ious, candidate
 
     def supplies(self, ious: Tensor, candidate: Tensor, gt_mask: Tensor) -> Tensor:
         """``[B, G]`` positive labels each ground truth supplies (0 on padding)."""
@@ -144,13 +159,11 @@ class UOTAssigner:
             empty = torch.full((B, A), -1, dtype=torch.long, device=cls_logits.device)
             return result_from_index(empty, gt_labels, gt_boxes.float(), None)
         gt_boxes = gt_boxes.float()
-        cost, background, ious, candidate = self.costs(
-            points.float(), strides.float(), cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask
-        )
-        k = self.supplies(ious, candidate, gt_mask)
-        if self.compact:
-            gt_index = self._solve_compact(cost, background, candidate, k, gt_mask)
-        else:
+        if not self.compact:
+            cost, background, ious, candidate = self.costs(
+                points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask
+            )
+            k = self.supplies(ious, candidate, gt_mask)
             m = match(
                 cost,
                 self.eps,
@@ -162,39 +175,48 @@ class UOTAssigner:
                 max_iter=self.max_iter,
                 tol=self.tol,
             )
-            gt_index = m.assignment()
-        return result_from_index(gt_index, gt_labels, gt_boxes, ious)
-
-    def _solve_compact(self, cost, background, candidate, k, gt_mask) -> Tensor:
-        """Balanced OT over the candidate anchors only; the rest take background."""
-        B, A, G = cost.shape
-        rows = candidate.any(-1)  # [B, A]
-        n = rows.sum(1)  # [B]
-        L = max(int(n.max()), 1)
-        # Stable partition, candidates first: position of each anchor, then the inverse.
-        first = rows.cumsum(1) - 1
-        rest = n[:, None] + (~rows).cumsum(1) - 1
-        position = torch.where(rows, first, rest)
-        order = torch.empty_like(position).scatter_(
-            1, position, torch.arange(A, device=cost.device).expand(B, A)
+            return result_from_index(m.assignment(), gt_labels, gt_boxes, ious)
+        return self._assign_compact(
+            points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask
         )
-        idx = order[:, :L]  # [B, L]
-        a = (torch.arange(L, device=cost.device)[None] < n[:, None]).float()  # padding rows: mass 0
-        sub_cost = cost.gather(1, idx[..., None].expand(-1, -1, G))
+
+    def _assign_compact(
+        self, points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask
+    ) -> AssignResult:
+        """Balanced OT over the candidate anchors only; the rest take background. Costs are
+        computed for the candidates alone (a few percent of the anchors)."""
+        candidate = self.candidates(points.float(), strides.float(), gt_boxes, gt_mask)
+        B, A, G = candidate.shape
+        idx, real = candidate_rows(candidate.any(-1))  # [B, L]
+
+        def rows_of(x: Tensor) -> Tensor:  # [B, A, D] -> [B, L, D]
+            return gather_rows(x, idx)
+
+        sub_candidate = rows_of(candidate) & real[..., None]
+        cost, background, ious = self.pair_costs(
+            rows_of(cls_logits), rows_of(pred_boxes), gt_boxes, gt_labels, sub_candidate
+        )
+        k = self.supplies(ious, sub_candidate, gt_mask)
         m = match(
-            sub_cost,
+            cost,
             self.eps,
             self.tau1,
             self.tau2,
-            a=a,
+            a=real.float(),
             b=k,
             mask=gt_mask,
-            background_cost=background.gather(1, idx),
+            background_cost=background,
             max_iter=self.max_iter,
             tol=self.tol,
         )
-        gt_index = torch.full((B, A), -1, dtype=torch.long, device=cost.device)
-        return gt_index.scatter_(1, idx, torch.where(a > 0, m.assignment(), -1))
+        sub_index = torch.where(real, m.assignment(), -1)  # [B, L]
+        sub_iou = ious.gather(2, sub_index.clamp_min(0)[..., None]).squeeze(-1) * (sub_index >= 0)
+        return result_from_index(
+            scatter_rows(sub_index, idx, A, -1),
+            gt_labels,
+            gt_boxes,
+            anchor_ious=scatter_rows(sub_iou, idx, A, 0.0),
+        )
 
 
 class OTAAssigner(UOTAssigner):

@@ -10,10 +10,13 @@ from torch import Tensor
 from uotmatch.detection._dense import (
     AssignResult,
     bce_costs,
+    candidate_rows,
     check_inputs,
+    gather_rows,
     inside_boxes,
     inside_centre,
     result_from_index,
+    scatter_rows,
     smallest_area,
 )
 from uotmatch.detection.boxes import box_iou, points_to_ltrb
@@ -79,35 +82,40 @@ class SimOTAAssigner:
             return result_from_index(empty, gt_labels, gt_boxes, None)
         points, strides = points.float(), strides.float()
         in_box = inside_boxes(points, gt_boxes, margin=0.0) & gt_mask[:, None]
-        in_ctr = (
-            inside_centre(points, strides, gt_boxes, self.radius, clip=False) & gt_mask[:, None]
-        )
-        candidate = (in_box | in_ctr).any(-1)  # [B, A]
-        prob = cls_logits.float().sigmoid()
+        in_ctr = inside_centre(points, strides, gt_boxes, self.radius, clip=False)
+        in_ctr &= gt_mask[:, None]
+        # As YOLOX, only anchors inside some box or centre square are considered: gather them.
+        idx, real = candidate_rows((in_box | in_ctr).any(-1))  # [B, L]
+        in_box, in_ctr = gather_rows(in_box, idx), gather_rows(in_ctr, idx)
+        prob = gather_rows(cls_logits, idx).float().sigmoid()
         if obj_logits is not None:
-            prob = (prob * obj_logits.float().sigmoid()).sqrt()
+            prob = (prob * gather_rows(obj_logits, idx).float().sigmoid()).sqrt()
         cls, _ = bce_costs(prob, gt_labels)
-        ious = box_iou(pred_boxes.float(), gt_boxes) * candidate[..., None]  # [B, A, G]
+        ious = box_iou(gather_rows(pred_boxes, idx).float(), gt_boxes) * real[..., None]
         cost = cls - self.reg_weight * (ious + 1e-8).log()
         cost = cost + SIMOTA_GEOMETRY_PENALTY * ~(in_box & in_ctr)
-        cost = cost.masked_fill(~candidate[..., None] | ~gt_mask[:, None], math.inf)
+        cost = cost.masked_fill(~real[..., None] | ~gt_mask[:, None], math.inf)  # [B, L, G]
 
-        q = min(self.q, A)
-        k = ious.topk(q, dim=1).values.sum(1).floor().clamp_min(1).long()  # [B, G]
+        L = cost.shape[1]
+        k = ious.topk(min(self.q, L), dim=1).values.sum(1).floor().clamp_min(1).long()  # [B, G]
         k = torch.where(gt_mask, k, 0)
         kmax = max(int(k.max()), 1)
-        cheapest = cost.topk(min(kmax, A), dim=1, largest=False)  # over anchors, [B, kmax, G]
+        cheapest = cost.topk(min(kmax, L), dim=1, largest=False)  # over anchors, [B, kmax, G]
         rank = torch.arange(cheapest.indices.shape[1], device=cost.device)[None, :, None]
         take = (rank < k[:, None]) & torch.isfinite(cheapest.values)
-        chosen = torch.zeros(B, A, G, dtype=torch.bool, device=cost.device)
+        chosen = torch.zeros(B, L, G, dtype=torch.bool, device=cost.device)
         chosen.scatter_(1, cheapest.indices, take)
         # Anchors taken by several ground truths keep the cheapest one (of all ground truths).
-        best = cost.argmin(-1)  # [B, A]
         multi = chosen.sum(-1) > 1
-        first = chosen.float().argmax(-1)
-        gt_index = torch.where(multi, best, first)
-        gt_index = torch.where(chosen.any(-1), gt_index, -1)
-        return result_from_index(gt_index, gt_labels, gt_boxes, ious)
+        sub_index = torch.where(multi, cost.argmin(-1), chosen.float().argmax(-1))
+        sub_index = torch.where(chosen.any(-1), sub_index, -1)  # [B, L]
+        sub_iou = ious.gather(2, sub_index.clamp_min(0)[..., None]).squeeze(-1) * (sub_index >= 0)
+        return result_from_index(
+            scatter_rows(sub_index, idx, A, -1),
+            gt_labels,
+            gt_boxes,
+            anchor_ious=scatter_rows(sub_iou, idx, A, 0.0),
+        )
 
 
 class FCOSAssigner:
