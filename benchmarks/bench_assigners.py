@@ -28,6 +28,7 @@ from uotmatch.detection import (  # noqa: E402
     OTAAssigner,
     SimOTAAssigner,
     UOTMatcher,
+    anchor_points,
 )
 from uotmatch.detection._dense import inside_boxes, inside_centre  # noqa: E402
 from uotmatch.detection._ota import CENTER_PRIOR_PENALTY, IOU_LOG_EPS  # noqa: E402
@@ -37,21 +38,10 @@ NUM_CLASSES = 80
 TOL = 1e-5
 
 
-def points_and_strides(height: int, width: int):
-    pts, strd = [], []
-    for s in STRIDES:
-        ys, xs = torch.meshgrid(
-            torch.arange(s / 2, height, s), torch.arange(s / 2, width, s), indexing="ij"
-        )
-        pts.append(torch.stack([xs.flatten(), ys.flatten()], -1))
-        strd.append(torch.full((xs.numel(),), float(s)))
-    return torch.cat(pts), torch.cat(strd)
-
-
 def dense_batch(B: int, G: int, height: int = 800, width: int = 1333, seed: int = 0):
     """A COCO-like batch: detector outputs part-way through training (boxes near the objects)."""
     g = torch.Generator().manual_seed(seed)
-    points, strides = points_and_strides(height, width)
+    points, strides = anchor_points(height, width, STRIDES)
     A = len(points)
     size = torch.exp(torch.rand(B, G, 2, generator=g) * 3.2 + 2.8)  # ~16 to ~400 px
     ctr = torch.rand(B, G, 2, generator=g) * torch.tensor([width, height])

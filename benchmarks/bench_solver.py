@@ -30,6 +30,7 @@ from scipy.optimize import linear_sum_assignment
 
 import uotmatch
 from uotmatch._sinkhorn import plan_error
+from uotmatch.detection import anchor_points
 
 INF = math.inf
 TARGET_ERROR = 1e-3
@@ -41,14 +42,7 @@ STRIDES = (8, 16, 32, 64, 128)
 def ota_workload(B: int, height: int, width: int, G: int, k: float, seed: int = 0):
     """OTA-like costs ``[B, A, G]``, background ``[B, A]``, supplies ``[B, G]``."""
     gen = torch.Generator().manual_seed(seed)
-    pts, strides = [], []
-    for s in STRIDES:
-        ys, xs = torch.meshgrid(
-            torch.arange(s / 2, height, s), torch.arange(s / 2, width, s), indexing="ij"
-        )
-        pts.append(torch.stack([xs.flatten(), ys.flatten()], -1))
-        strides.append(torch.full((xs.numel(),), float(s)))
-    pts, stride = torch.cat(pts), torch.cat(strides)  # [A, 2], [A]
+    pts, stride = anchor_points(height, width, STRIDES)  # [A, 2], [A]
     A = len(pts)
     ctr = torch.rand(B, G, 2, generator=gen) * torch.tensor([width, height])
     wh = torch.exp(torch.rand(B, G, 2, generator=gen) * 3 + 3.5)

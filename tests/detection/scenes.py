@@ -5,19 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from uotmatch.detection import anchor_points
 from uotmatch.detection.boxes import ltrb_to_boxes
 
-
-def anchor_points(height: int, width: int, strides=(8, 16, 32, 64, 128)):
-    """``points [A, 2]`` (cell centres, FCOS convention) and ``strides [A]``, level by level."""
-    pts, strd = [], []
-    for s in strides:
-        ys, xs = torch.meshgrid(
-            torch.arange(s / 2, height, s), torch.arange(s / 2, width, s), indexing="ij"
-        )
-        pts.append(torch.stack([xs.flatten(), ys.flatten()], -1))
-        strd.append(torch.full((xs.numel(),), float(s)))
-    return torch.cat(pts), torch.cat(strd)
+__all__ = ["anchor_points", "scene"]
 
 
 def scene(

@@ -6,7 +6,7 @@ Dense detectors (one row per anchor point): :class:`OTAAssigner`, :class:`UOTAss
 Everything is batched over images (ground truths padded, with a mask) and runs without gradients.
 """
 
-from uotmatch.detection._dense import AssignResult
+from uotmatch.detection._dense import AssignResult, anchor_points
 from uotmatch.detection._matchers import (
     HungarianMatcher,
     UOTMatcher,
@@ -33,6 +33,7 @@ __all__ = [
     "FCOSAssigner",
     "SimOTAAssigner",
     "AssignResult",
+    "anchor_points",
     "OTAAssigner",
     "UOTAssigner",
     "HungarianMatcher",

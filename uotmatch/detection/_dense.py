@@ -10,7 +10,7 @@ from torch import Tensor
 
 from uotmatch.detection.boxes import box_area, points_to_ltrb
 
-__all__ = ["AssignResult"]
+__all__ = ["AssignResult", "anchor_points"]
 
 #: A point is inside a box when all four distances exceed this (as the official OTA/FCOS code).
 INSIDE_MARGIN = 0.01
@@ -40,6 +40,31 @@ class AssignResult:
     def fg_mask(self) -> Tensor:
         """``[B, A]`` bool, True on foreground anchors."""
         return self.gt_index >= 0
+
+
+def anchor_points(height: int, width: int, strides=(8, 16, 32, 64, 128), device=None):
+    """FCOS-style anchor points: the cell centres of each feature level, level after level.
+
+    Returns:
+        ``points [A, 2]`` (x, y) and ``strides [A]`` (float), for an input of
+        ``height x width`` pixels (``ceil(height / s) * ceil(width / s)`` points per level).
+    """
+    pts, strd = [], []
+    for s in strides:
+        ys, xs = torch.meshgrid(
+            torch.arange(s / 2, height, s, device=device),
+            torch.arange(s / 2, width, s, device=device),
+            indexing="ij",
+        )
+        pts.append(torch.stack([xs.flatten(), ys.flatten()], -1))
+        strd.append(torch.full((xs.numel(),), float(s), device=device))
+    return torch.cat(pts), torch.cat(strd)
+
+
+def background_result(B: int, A: int, gt_labels: Tensor, gt_boxes: Tensor) -> AssignResult:
+    """Every anchor of every image to background."""
+    empty = torch.full((B, A), -1, dtype=torch.long, device=gt_boxes.device)
+    return result_from_index(empty, gt_labels, gt_boxes.float())
 
 
 def check_inputs(points, strides, gt_boxes, gt_labels, gt_mask, cls_logits=None, pred_boxes=None):

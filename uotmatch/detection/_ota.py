@@ -10,6 +10,7 @@ from torch import Tensor
 from uotmatch._match import match
 from uotmatch.detection._dense import (
     AssignResult,
+    background_result,
     candidate_rows,
     check_inputs,
     ensure_candidate,
@@ -156,8 +157,7 @@ class UOTAssigner:
         )
         B, A = cls_logits.shape[:2]
         if gt_boxes.shape[1] == 0 or not bool(gt_mask.any()):
-            empty = torch.full((B, A), -1, dtype=torch.long, device=cls_logits.device)
-            return result_from_index(empty, gt_labels, gt_boxes.float(), None)
+            return background_result(B, A, gt_labels, gt_boxes)
         gt_boxes = gt_boxes.float()
         if not self.compact:
             cost, background, ious, candidate = self.costs(

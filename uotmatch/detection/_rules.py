@@ -9,6 +9,7 @@ from torch import Tensor
 
 from uotmatch.detection._dense import (
     AssignResult,
+    background_result,
     bce_costs,
     candidate_rows,
     check_inputs,
@@ -78,8 +79,7 @@ class SimOTAAssigner:
         G = gt_boxes.shape[1]
         gt_boxes = gt_boxes.float()
         if G == 0 or not bool(gt_mask.any()):
-            empty = torch.full((B, A), -1, dtype=torch.long, device=cls_logits.device)
-            return result_from_index(empty, gt_labels, gt_boxes, None)
+            return background_result(B, A, gt_labels, gt_boxes)
         points, strides = points.float(), strides.float()
         in_box = inside_boxes(points, gt_boxes, margin=0.0) & gt_mask[:, None]
         in_ctr = inside_centre(points, strides, gt_boxes, self.radius, clip=False)
@@ -206,8 +206,7 @@ class ATSSAssigner:
         A = points.shape[0]
         gt_boxes, points, strides = gt_boxes.float(), points.float(), strides.float()
         if G == 0:
-            empty = torch.full((B, A), -1, dtype=torch.long, device=points.device)
-            return result_from_index(empty, gt_labels, gt_boxes, None)
+            return background_result(B, A, gt_labels, gt_boxes)
         half = (self.anchor_scale * strides / 2)[:, None]
         anchors = torch.cat([points - half, points + half], -1)  # [A, 4]
         ious = box_iou(anchors[None].expand(B, -1, -1), gt_boxes)  # [B, A, G]
