@@ -17,7 +17,7 @@ def test_bench_solver_quick(capsys):
     rows = _load("bench_solver").main(["--quick", "--repeats", "1"])
     assert len(rows) == 3
     for row in rows:
-        ours_error, pot_error = row[5], row[8]
+        ours_error, pot_error = row[5], row[9]
         assert ours_error < 1e-3 and pot_error < 1e-3
     assert "| OTA-like (error < 0.001) |" in capsys.readouterr().out
 

@@ -37,10 +37,11 @@ class Matching:
     Attributes:
         plan: ``[B, M, N(+1)]`` transport plan; row i is how prediction i's mass is split.
         converged: ``[B]`` bool, whether ``marginal_error <= tol`` for that item.
-        marginal_error: ``[B]`` relative L1 violation of the marginal optimality conditions:
-            ``||P 1 - a exp(-f / tau1)||_1 / ||a exp(-f / tau1)||_1`` and the same for columns,
-            whichever is larger (with ``tau = inf`` this is the plain ``||P 1 - a||_1 / sum a``;
-            a ``tau = 0`` side has no condition). 0 for the exact eps = 0 limits.
+        marginal_error: ``[B]`` relative L1 violation of the marginal optimality conditions,
+            the fraction of the prescribed mass misplaced: ``||P 1 - a exp(-f / tau1)||_1 /
+            ||a||_1`` and the same for the columns, whichever is larger (with ``tau = inf`` the
+            plain ``||P 1 - a||_1 / sum a``; a ``tau = 0`` side has no condition). This is OTT's
+            default error for probability masses. 0 for the exact eps = 0 limits.
         iterations: ``[B]`` scaling iterations used by that item (0 at eps = 0).
         has_background: whether the last column of ``plan`` is the background ∅.
     """

@@ -18,6 +18,17 @@ a log-sum-exp over the whole ``[B, M, N]`` tensor. Whenever ``|log u|`` or ``|lo
 they are folded into ``f, g`` and the kernel is rebuilt (Schmitzer's absorption), so nothing
 overflows or underflows whatever eps and the cost scale. Small eps is reached by eps-scaling:
 a geometric schedule of decreasing eps, each stage warm-started from the previous potentials.
+
+Accelerations, none of which changes the fixed point:
+
+* over-relaxation (weight ``OMEGA``; an item whose error grows falls back to plain steps);
+* translation-invariant steps for finite taus (Sejourne, Vialard and Peyre, AISTATS 2022): the
+  dual-optimal shift ``f + t, g - t`` after every sweep removes the slow mass mode;
+* closed-form single-entry columns (:class:`_Compaction`) on sparse kernels for long solves;
+* convergence measured every iteration on large CPU problems, every few on small ones, every
+  ``CHECK_EVERY_CUDA`` on CUDA (a host sync there).
+
+Gradients, when asked for, flow through the iterations (autograd through the unrolled loop).
 """
 
 from __future__ import annotations
