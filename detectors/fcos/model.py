@@ -1,0 +1,142 @@
+"""FCOS (Tian et al., 2019) with the OTA code's head: classification, ltrb box and IoU branches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from detectors.common.backbone import ResNet
+from detectors.common.fpn import FPN, batched_nms
+from uotmatch.detection.boxes import ltrb_to_boxes
+
+__all__ = ["FCOS", "FCOSHead", "feature_points"]
+
+STRIDES = (8, 16, 32, 64, 128)
+#: Initial foreground probability of the classification branch (focal-loss prior).
+PRIOR_PROB = 0.01
+GROUP_NORM_GROUPS = 32
+
+
+def feature_points(sizes: list[tuple[int, int]], strides=STRIDES, device=None):
+    """``points [A, 2]`` and ``strides [A]`` for feature maps of the given ``(h, w)`` sizes: the
+    centre of each cell, ``k * s + s // 2`` (FCOS), level after level."""
+    pts, strd = [], []
+    for (h, w), s in zip(sizes, strides, strict=True):
+        ys, xs = torch.meshgrid(
+            torch.arange(h, device=device) * s + s // 2,
+            torch.arange(w, device=device) * s + s // 2,
+            indexing="ij",
+        )
+        pts.append(torch.stack([xs.flatten(), ys.flatten()], -1).float())
+        strd.append(torch.full((h * w,), float(s), device=device))
+    return torch.cat(pts), torch.cat(strd)
+
+
+def _tower(channels: int, depth: int) -> nn.Sequential:
+    layers = []
+    for _ in range(depth):
+        layers += [
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(min(GROUP_NORM_GROUPS, channels), channels),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
+
+
+class FCOSHead(nn.Module):
+    """Two towers of ``depth`` x (conv 3x3 + GroupNorm + ReLU); classification on one,
+    box (ltrb, ``ReLU(scale_l * x) * stride``) and IoU on the other, shared across levels."""
+
+    def __init__(
+        self, channels: int, num_classes: int, depth: int = 4, strides: tuple[int, ...] = STRIDES
+    ):
+        super().__init__()
+        self.strides = strides
+        self.cls_tower, self.box_tower = _tower(channels, depth), _tower(channels, depth)
+        self.cls = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.box = nn.Conv2d(channels, 4, 3, padding=1)
+        self.iou = nn.Conv2d(channels, 1, 3, padding=1)
+        self.scales = nn.Parameter(torch.ones(len(strides)))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+
+    def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B, A, K]`` class logits, ``[B, A, 4]`` ltrb distances (pixels), ``[B, A]`` IoU
+        logits, levels concatenated in order."""
+        cls, box, iou = [], [], []
+        for level, x in enumerate(features):
+            c, r = self.cls_tower(x), self.box_tower(x)
+            cls.append(self.cls(c).flatten(2).mT)
+            ltrb = torch.relu(self.scales[level] * self.box(r)) * self.strides[level]
+            box.append(ltrb.flatten(2).mT)
+            iou.append(self.iou(r).flatten(1))
+        return torch.cat(cls, 1), torch.cat(box, 1), torch.cat(iou, 1)
+
+
+class FCOS(nn.Module):
+    """Backbone + FPN + head. ``forward(images)`` returns the raw outputs and the points."""
+
+    def __init__(
+        self, num_classes: int, backbone: ResNet, channels: int = 256, head_depth: int = 4
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.fpn = FPN(backbone.out_channels, channels)
+        self.head = FCOSHead(channels, num_classes, head_depth)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        features = self.fpn(self.backbone(images))
+        cls, ltrb, iou = self.head(features)
+        points, strides = feature_points([f.shape[-2:] for f in features], device=images.device)
+        return {
+            "cls_logits": cls,
+            "ltrb": ltrb,
+            "iou_logits": iou,
+            "points": points,
+            "strides": strides,
+            "boxes": ltrb_to_boxes(points[None], ltrb),
+        }
+
+    @torch.no_grad()
+    def detect(
+        self,
+        outputs: dict[str, Tensor],
+        score_threshold: float = 0.05,
+        top_per_level: int = 1000,
+        nms_threshold: float = 0.6,
+        max_per_image: int = 100,
+    ) -> list[dict[str, Tensor]]:
+        """Post-processing: score ``sqrt(p_cls * p_iou)``, the top ``top_per_level`` of each
+        level above ``score_threshold``, class-aware NMS, the best ``max_per_image``."""
+        scores = (
+            outputs["cls_logits"].float().sigmoid()
+            * outputs["iou_logits"].float().sigmoid()[..., None]
+        ).sqrt()  # [B, A, K]
+        strides = outputs["strides"]
+        results = []
+        for b in range(scores.shape[0]):
+            keep_boxes, keep_scores, keep_labels = [], [], []
+            for s in strides.unique():
+                level = torch.nonzero(strides == s).flatten()
+                sc = scores[b, level].flatten()
+                sc, idx = sc.topk(min(top_per_level, sc.numel()))
+                ok = sc > score_threshold
+                sc, idx = sc[ok], idx[ok]
+                anchor, label = level[idx // self.num_classes], idx % self.num_classes
+                keep_boxes.append(outputs["boxes"][b, anchor].float())
+                keep_scores.append(sc)
+                keep_labels.append(label)
+            boxes, sc, labels = (
+                torch.cat(keep_boxes),
+                torch.cat(keep_scores),
+                torch.cat(keep_labels),
+            )
+            keep = batched_nms(boxes, sc, labels, nms_threshold)[:max_per_image]
+            results.append({"boxes": boxes[keep], "scores": sc[keep], "labels": labels[keep]})
+        return results
