@@ -1,0 +1,81 @@
+"""Dataclass configs filled by argparse, optionally from a YAML file (``yaml.safe_load``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["parse_config"]
+
+
+def _type_of(field: dataclasses.Field):
+    t = (
+        field.type
+        if isinstance(field.type, str)
+        else getattr(field.type, "__name__", str(field.type))
+    )
+    if "bool" in t:
+        return None
+    if "float" in t:
+        return float
+    if "int" in t:
+        return int
+    return str
+
+
+def parse_config(cls, argv=None, description: str = ""):
+    """Build ``cls`` (a dataclass) from ``--config file.yaml`` and the command line; the command
+    line wins. Field ``foo_bar`` is ``--foo-bar``; bools are ``--foo`` / ``--no-foo``."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--config", type=Path, help="YAML file of defaults (keys as field names)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kind = _type_of(f)
+        if kind is None:
+            p.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (default: {f.default})",
+            )
+        else:
+            p.add_argument(
+                flag,
+                type=kind,
+                default=None,
+                help=f"{help_text} (default: {f.default})",
+                **({"choices": f.metadata["choices"]} if "choices" in f.metadata else {}),
+            )
+    args = p.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            p.error(f"--config {args.config}: {exc}")
+        if not isinstance(loaded, dict):
+            p.error(f"--config {args.config}: expected a mapping of field names to values")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(loaded) - names)
+        if unknown:
+            p.error(f"--config {args.config}: unknown keys {unknown}")
+        values.update(loaded)
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = v
+    for key in ("tau1", "tau2"):
+        if key in values and isinstance(values[key], str) and values[key] in ("inf", "infinity"):
+            values[key] = math.inf
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        p.error(str(exc))

@@ -1,0 +1,112 @@
+"""Train one epoch, evaluate: the whole engine, shared by the bundled detectors."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from detectors.common.dist import all_gather_objects, is_main
+from detectors.common.evaluation import coco_evaluate
+
+__all__ = ["NonFiniteLossError", "evaluate", "train_one_epoch"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: training stops; the last checkpoint is the last good state."""
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion,
+    loader,
+    optimizer,
+    scheduler,
+    scaler,
+    device: torch.device,
+    epoch: int,
+    clip_grad: float = 0.0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's mean of each loss term, and it/s."""
+    model.train()
+    sums: dict[str, float] = {}
+    iterator = loader
+    bar = None
+    if progress and is_main():
+        from tqdm import tqdm
+
+        iterator = bar = tqdm(loader, desc=f"epoch {epoch}", unit="it", dynamic_ncols=True)
+    start, n = time.perf_counter(), 0
+    for i, batch in enumerate(iterator):
+        batch = batch.to(device)
+        with torch.autocast(device.type, enabled=scaler.is_enabled()):
+            outputs = model(batch["images"])
+        losses = criterion(outputs, batch)
+        loss = losses["loss"]
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            terms = {k: float(v.detach()) for k, v in losses.items() if k.startswith("loss")}
+            raise NonFiniteLossError(
+                f"epoch {epoch}, iteration {i}: the loss is {value} ({terms}); training stops "
+                "here and the last checkpoint holds the last good state (try a lower --lr, "
+                "or --clip-grad)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n += 1
+        for key, v in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(v.detach())
+        if bar is not None:
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    out = {key: v / max(n, 1) for key, v in sums.items()}
+    out["it_per_s"] = n / max(time.perf_counter() - start, 1e-9)
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, detect, loader, dataset, device: torch.device, progress: bool = True
+) -> dict[str, float] | None:
+    """COCO metrics of ``detect(outputs) -> [{"boxes", "scores", "labels"}]`` over ``loader``
+    (detections of every rank gathered); None on ranks other than 0."""
+    model.eval()
+    detections = []
+    iterator = loader
+    if progress and is_main():
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc="evaluate", unit="it", dynamic_ncols=True, leave=False)
+    for batch in iterator:
+        batch = batch.to(device)
+        results = detect(model(batch["images"]))
+        for target, res in zip(batch["targets"], results, strict=True):
+            (oh, ow), (h, w) = target["orig_size"], target["size"]
+            scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=res["boxes"].device)
+            boxes = (res["boxes"] * scale).cpu()
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+            for box, score, label in zip(
+                boxes.tolist(), res["scores"].tolist(), res["labels"].tolist(), strict=True
+            ):
+                x1, y1, x2, y2 = box
+                detections.append(
+                    {
+                        "image_id": target["image_id"],
+                        "category_id": dataset.cat_ids[label],
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "score": score,
+                    }
+                )
+    gathered = [d for part in all_gather_objects(detections) for d in part]
+    if not is_main():
+        return None
+    return coco_evaluate(dataset.ann_file, gathered, image_ids=dataset.ids)

@@ -1,0 +1,148 @@
+"""The FCOS training CLI: a short run, evaluation of its checkpoint, exact resume, a NaN stop,
+bad input, and a 2-process gloo run through torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detectors.common.checkpoint import load_checkpoint
+from detectors.common.engine import NonFiniteLossError, train_one_epoch
+from detectors.data import colorboxes
+from detectors.fcos import evaluate as fcos_evaluate
+from detectors.fcos import train as fcos_train
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = [
+    "--batch-size",
+    "4",
+    "--short",
+    "64",
+    "--max-size",
+    "64",
+    "--channels",
+    "32",
+    "--head-depth",
+    "1",
+    "--no-progress",
+    "--warmup-iters",
+    "5",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cb")
+    colorboxes.generate(root, train=8, val=4, size=64, seed=0, progress=False)
+    return root
+
+
+def test_train_evaluate_and_log(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = fcos_train.main(["--data", str(data), "--out", str(out), "--epochs", "2", *SMALL])
+    assert set(metrics) >= {"AP", "AP50", "AR100"}
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2] and all("loss_cls" in x for x in lines)
+    assert "| FCOS-ota | AP |" in capsys.readouterr().out
+    state = load_checkpoint(out / "last.pth")
+    assert state["epoch"] == 2 and state["config"]["assigner"] == "ota"
+    again = fcos_evaluate.main(["--checkpoint", str(out / "last.pth"), "--data", str(data)])
+    assert again == pytest.approx(metrics)
+
+
+def test_resume_gives_the_uninterrupted_weights(data, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    fcos_train.main(
+        ["--data", str(data), "--out", str(full), "--epochs", "3", "--eval-every", "0", *SMALL]
+    )
+    fcos_train.main(
+        ["--data", str(data), "--out", str(cut), "--epochs", "1", "--eval-every", "0", *SMALL]
+    )
+    # as if killed after epoch 1, then resumed with the full schedule
+    state = load_checkpoint(cut / "last.pth")
+    assert state["epoch"] == 1
+    fcos_train.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(cut),
+            "--epochs",
+            "3",
+            "--eval-every",
+            "0",
+            "--resume",
+            *SMALL,
+        ]
+    )
+    a, b = load_checkpoint(full / "last.pth")["model"], load_checkpoint(cut / "last.pth")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_non_finite_loss_stops_with_a_clear_error():
+    model = torch.nn.Linear(1, 1)
+
+    class Batch(dict):
+        def to(self, device):
+            return self
+
+    def criterion(outputs, batch):
+        return {"loss": outputs.sum() * float("nan")}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loader = [Batch(images=torch.ones(2, 1))]
+    with pytest.raises(NonFiniteLossError, match="epoch 0, iteration 0: the loss is nan"):
+        train_one_epoch(
+            model, criterion, loader, opt, sched, scaler, torch.device("cpu"), 0, progress=False
+        )
+
+
+def test_bad_input(data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fcos_train.main(["--out", str(tmp_path)])
+    assert "--data is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fcos_train.main(["--data", str(data), "--assigner", "nearest"])
+    with pytest.raises(ValueError, match="instances_train.json"):
+        fcos_train.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), *SMALL])
+    with pytest.raises(SystemExit):
+        fcos_evaluate.main(["--checkpoint", str(tmp_path / "none.pth"), "--data", str(data)])
+    assert "none.pth does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun smoke test on Linux")
+def test_two_process_gloo_run(data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "detectors.fcos.train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        *SMALL,
+    ]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = load_checkpoint(out / "last.pth")
+    assert state["epoch"] == 1
+    assert run.stdout.count("| FCOS-ota | AP |") == 1  # rank 0 alone prints
