@@ -198,3 +198,23 @@ def test_fcos_needs_a_size_range_per_level():
         FCOSAssigner(size_ranges=((0, 64),))(
             points, strides, torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long)
         )
+
+
+def test_atss_hand_built():
+    """One level of 4 x 4 points (stride 16: at 8, 24, 40, 56), anchors 32 px (scale 2).
+
+    Box [0, 0, 48, 48]: its centre (24, 24) is a point, whose anchor [8, 8, 40, 40] has IoU
+    1024 / 2304 = 0.444; the next nearest points (distance 16) have IoU 768 / 2560 = 0.3. With
+    topk = 4 the candidate IoUs are 0.444, 0.3, 0.3, 0.3: mean 0.336 + std 0.072 = 0.408, so only
+    the centre point is positive.
+
+    Box [0, 0, 32, 32]: the 4 points around its centre (16, 16) tie in distance and all have
+    IoU 576 / 1472 = 0.391: std 0, threshold = mean, all four positive (centres inside).
+    """
+    points, strides = anchor_points(64, 64, strides=(16,))
+    atss = ATSSAssigner(topk=4, anchor_scale=2.0)
+    r = atss(points, strides, torch.tensor([[[0.0, 0.0, 48.0, 48.0]]]), torch.tensor([[0]]))
+    assert {tuple(p) for p in points[r.fg_mask[0]].tolist()} == {(24.0, 24.0)}
+    r = atss(points, strides, torch.tensor([[[0.0, 0.0, 32.0, 32.0]]]), torch.tensor([[0]]))
+    expected = {(8.0, 8.0), (24.0, 8.0), (8.0, 24.0), (24.0, 24.0)}
+    assert {tuple(p) for p in points[r.fg_mask[0]].tolist()} == expected
