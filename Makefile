@@ -1,11 +1,15 @@
 # make test: set up .venv (if needed), lint, run the whole test suite.
-# make demo: set up .venv (if needed), run the main job.
+# make demo: set up .venv (if needed), run the main job: train FCOS-OTA on Color Boxes (CPU, ~7 min).
+# make figure1: the UOT paper's Figure 1 regimes, printed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench lint clean
+DEMO_DATA ?= data/colorboxes-demo
+DEMO_OUT ?= runs/demo
+
+.PHONY: test demo figure1 bench lint clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +23,17 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
+	test -f $(DEMO_DATA)/annotations/instances_val.json || \
+		$(PY) -m detectors.data.colorboxes --out $(DEMO_DATA) --train 400 --val 100 --size 128
+	$(PY) -m detectors.fcos.train --data $(DEMO_DATA) --assigner ota --epochs 6 --lr 0.02 \
+		--eval-every 0 --out $(DEMO_OUT)
+
+figure1: $(STAMP)
 	$(PY) -m uotmatch.figure1
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solver.py
+	$(PY) benchmarks/bench_assigners.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis $(DEMO_DATA) $(DEMO_OUT)

@@ -30,3 +30,34 @@ def test_bench_assigners_quick(capsys):
         assert differing_from_dense == 0 and differing_from_official == 0
     out = capsys.readouterr().out
     assert "| COCO-like, 7 gts/image |" in out and "| DETR matcher, batch 16 |" in out
+
+
+def test_train_assigners_quick(tmp_path, capsys):
+    results = _load("train_assigners").main(
+        [
+            "--out",
+            str(tmp_path),
+            "--train",
+            "8",
+            "--val",
+            "4",
+            "--size",
+            "64",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--channels",
+            "16",
+            "--head-depth",
+            "1",
+            "--assigners",
+            "fcos",
+            "ota",
+        ]
+    )
+    assert set(results) == {"fcos", "ota"}
+    for r in results.values():
+        assert 0.0 <= r["AP"] <= 1.0 and r["step_s"] > 0
+    assert "| ota |" in capsys.readouterr().out
+    assert (tmp_path / "results.json").exists()
