@@ -147,9 +147,11 @@ def main(argv=None):
         G = min(G, 4) if args.quick else G
         batch = dense_batch(B, G, H, W)
         A = batch[0].shape[0]
-        t_ours, ours = time_call(repeats, OTAAssigner(tol=TOL), *batch)
+        t_ours, ours = time_call(repeats, OTAAssigner(tol=TOL, max_iter=1000), *batch)
         t_ref, ref = time_call(1, official_ota, *batch)
-        t_dense, dense_out = time_call(1, OTAAssigner(tol=TOL, compact=False), *batch)
+        t_dense, dense_out = time_call(
+            1, OTAAssigner(tol=TOL, max_iter=1000, compact=False), *batch
+        )
         same_ref = int((ours.gt_index != ref).sum())
         same_dense = int((ours.gt_index != dense_out.gt_index).sum())
         t_sim, _ = time_call(repeats, SimOTAAssigner(), *batch)

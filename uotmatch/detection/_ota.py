@@ -58,7 +58,11 @@ class UOTAssigner:
         k: a fixed supply per ground truth instead of the dynamic one.
         cls_weight, reg_weight: cost weights (OTA's alpha is ``reg_weight``).
         focal_alpha, focal_gamma: of the focal classification cost.
-        max_iter, tol: solver budget.
+        max_iter, tol: solver budget. The official OTA code runs 50 iterations, whatever
+            happens; we stop at ``tol`` or ``max_iter`` (default 100). Some scenes have no
+            feasible plan among the candidates (e.g. two tiny objects whose only candidate is
+            the same anchor); there the solver cannot converge, and the budget bounds the cost
+            while the argmax decoding of the partial plan still assigns every anchor.
         compact: solve over the candidate anchors only (balanced case; same assignment).
     """
 
@@ -75,7 +79,7 @@ class UOTAssigner:
         reg_weight: float = 1.5,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        max_iter: int = 1000,
+        max_iter: int = 100,
         tol: float = 1e-4,
         compact: bool = True,
     ):
