@@ -28,6 +28,7 @@ __all__ = [
     "ResizeShortSide",
     "collate",
     "default_transforms",
+    "images_only",
 ]
 
 #: ImageNet statistics (torchvision's), for backbones trained on it.
@@ -247,12 +248,15 @@ def default_transforms(train: bool, short: int, max_size: int) -> Compose:
 
 class Batch(dict):
     """A collated batch: ``images [B, 3, H, W]`` (zero-padded bottom/right to a multiple of
-    ``size_divisibility``), ``targets`` (the list), and for the assigners ``gt_boxes [B, G, 4]``,
-    ``gt_labels [B, G]``, ``gt_mask [B, G]``."""
+    ``size_divisibility``), ``pad_mask [B, H, W]`` (True on that padding), ``image_sizes [B, 2]``
+    (each image's ``(h, w)`` before padding), ``targets`` (the list), and for the assigners
+    ``gt_boxes [B, G, 4]`` (xyxy pixels), ``gt_labels [B, G]``, ``gt_mask [B, G]``."""
+
+    TENSORS = ("images", "pad_mask", "image_sizes", "gt_boxes", "gt_labels", "gt_mask")
 
     def to(self, device) -> Batch:
         out = Batch(self)
-        for key in ("images", "gt_boxes", "gt_labels", "gt_mask"):
+        for key in self.TENSORS:
             out[key] = self[key].to(device, non_blocking=True)
         return out
 
@@ -264,8 +268,11 @@ def collate(samples, size_divisibility: int = 32) -> Batch:
     H = math.ceil(H / size_divisibility) * size_divisibility
     W = math.ceil(W / size_divisibility) * size_divisibility
     batch = images[0].new_zeros(len(images), 3, H, W)
+    pad_mask = torch.ones(len(images), H, W, dtype=torch.bool)
     for i, im in enumerate(images):
         batch[i, :, : im.shape[1], : im.shape[2]] = im
+        pad_mask[i, : im.shape[1], : im.shape[2]] = False
+    image_sizes = torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.long)
     G = max((len(t["labels"]) for t in targets), default=0)
     gt_boxes = torch.zeros(len(targets), G, 4)
     gt_labels = torch.zeros(len(targets), G, dtype=torch.long)
@@ -274,5 +281,16 @@ def collate(samples, size_divisibility: int = 32) -> Batch:
         n = len(t["labels"])
         gt_boxes[i, :n], gt_labels[i, :n], gt_mask[i, :n] = t["boxes"], t["labels"], True
     return Batch(
-        images=batch, targets=list(targets), gt_boxes=gt_boxes, gt_labels=gt_labels, gt_mask=gt_mask
+        images=batch,
+        pad_mask=pad_mask,
+        image_sizes=image_sizes.reshape(-1, 2),
+        targets=list(targets),
+        gt_boxes=gt_boxes,
+        gt_labels=gt_labels,
+        gt_mask=gt_mask,
     )
+
+
+def images_only(batch: Batch) -> tuple:
+    """What a dense detector's ``forward`` takes from a batch: ``(images,)``."""
+    return (batch["images"],)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from detectors.common.data import images_only
 from detectors.common.dist import all_gather_objects, is_main
 from detectors.common.evaluation import coco_evaluate
 
@@ -29,8 +31,13 @@ def train_one_epoch(
     epoch: int,
     clip_grad: float = 0.0,
     progress: bool = True,
+    inputs: Callable = images_only,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch's mean of each loss term, and it/s."""
+    """One pass over ``loader``; returns the epoch's mean of each loss term, and it/s.
+
+    ``model(*inputs(batch))`` gives the outputs (default: the images alone) and
+    ``criterion(outputs, batch)`` a dict of losses whose ``"loss"`` is optimised.
+    """
     model.train()
     sums: dict[str, float] = {}
     iterator = loader
@@ -43,7 +50,7 @@ def train_one_epoch(
     for i, batch in enumerate(iterator):
         batch = batch.to(device)
         with torch.autocast(device.type, enabled=scaler.is_enabled()):
-            outputs = model(batch["images"])
+            outputs = model(*inputs(batch))
         losses = criterion(outputs, batch)
         loss = losses["loss"]
         value = float(loss.detach())
@@ -74,7 +81,13 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, detect, loader, dataset, device: torch.device, progress: bool = True
+    model: nn.Module,
+    detect,
+    loader,
+    dataset,
+    device: torch.device,
+    progress: bool = True,
+    inputs: Callable = images_only,
 ) -> dict[str, float] | None:
     """COCO metrics of ``detect(outputs) -> [{"boxes", "scores", "labels"}]`` over ``loader``
     (detections of every rank gathered); None on ranks other than 0."""
@@ -87,7 +100,7 @@ def evaluate(
         iterator = tqdm(loader, desc="evaluate", unit="it", dynamic_ncols=True, leave=False)
     for batch in iterator:
         batch = batch.to(device)
-        results = detect(model(batch["images"]))
+        results = detect(model(*inputs(batch)))
         for target, res in zip(batch["targets"], results, strict=True):
             (oh, ow), (h, w) = target["orig_size"], target["size"]
             scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=res["boxes"].device)

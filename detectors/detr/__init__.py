@@ -1,0 +1,1 @@
+"""DETR with Hungarian or UOT matching (hard or plan-weighted losses)."""
