@@ -1,6 +1,7 @@
 # make test: set up .venv (if needed), lint, run the whole test suite.
 # make demo: set up .venv (if needed), run the main job: train FCOS-OTA on Color Boxes (CPU, ~7 min).
 # make figure1: the UOT paper's Figure 1 regimes, printed.
+# make docs: the sphinx site, tutorials executed, warnings as errors (docs/_build/html).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DATA ?= data/colorboxes-demo
 DEMO_OUT ?= runs/demo
 
-.PHONY: test demo figure1 bench lint clean
+.PHONY: test demo figure1 bench lint docs clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml constraints/ci.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check uotmatch detectors tests benchmarks
+	$(PY) -m ruff check uotmatch detectors tests benchmarks docs
 
 test: lint
 	$(PY) -m pytest -q
@@ -31,9 +32,13 @@ demo: $(STAMP)
 figure1: $(STAMP)
 	$(PY) -m uotmatch.figure1
 
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solver.py
 	$(PY) benchmarks/bench_assigners.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis $(DEMO_DATA) $(DEMO_OUT)
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis $(DEMO_DATA) $(DEMO_OUT) \
+		docs/_build docs/auto_tutorials

@@ -1,0 +1,57 @@
+"""Sphinx configuration: API reference from the docstrings, tutorials executed by sphinx-gallery."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import uotmatch  # noqa: E402
+
+project = "uotmatch"
+author = "the uotmatch developers"
+copyright = "2026, the uotmatch developers"
+release = uotmatch.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "sphinx_gallery.gen_gallery",
+    "myst_parser",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+exclude_patterns = ["_build", "tutorials", "auto_tutorials/*.ipynb", "auto_tutorials/*.py.md5"]
+myst_heading_anchors = 3
+suppress_warnings = ["myst.header"]
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {"members": True, "show-inheritance": False}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+sphinx_gallery_conf = {
+    "examples_dirs": "tutorials",
+    "gallery_dirs": "auto_tutorials",
+    "filename_pattern": r"/plot_",
+    "within_subsection_order": "FileNameSortKey",
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "abort_on_example_error": True,
+    "matplotlib_animations": False,
+    "show_memory": False,
+}
+
+html_theme = "alabaster"
+html_title = f"uotmatch {release}"
+html_theme_options = {"description": "Label assignment as unbalanced optimal transport"}
