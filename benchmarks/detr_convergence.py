@@ -41,6 +41,7 @@ def _args(argv):
     p.add_argument("--train", type=int, default=1000, help="Color Boxes training images")
     p.add_argument("--val", type=int, default=200, help="Color Boxes validation images")
     p.add_argument("--size", type=int, default=128, help="image side")
+    p.add_argument("--max-boxes", type=int, default=30, help="Color Boxes boxes per image")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
@@ -149,12 +150,23 @@ def main(argv=None) -> dict:
     args = _args(argv)
     out = Path(args.out)
     data = out / "data"
-    if not (data / "annotations" / "instances_val.json").exists():
+    wanted = {"seed": args.seed, "size": args.size, "max_boxes": args.max_boxes}
+    val_file = data / "annotations" / "instances_val.json"
+    if not val_file.exists():
         from detectors.data import colorboxes
 
         colorboxes.generate(
-            data, args.train, args.val, args.size, args.seed, progress=not args.no_progress
+            data,
+            args.train,
+            args.val,
+            args.size,
+            args.seed,
+            progress=not args.no_progress,
+            max_boxes=args.max_boxes,
         )
+    info = json.loads(val_file.read_text()).get("info", {})
+    if {k: info.get(k) for k in wanted} != wanted:
+        raise SystemExit(f"{data} was generated with other settings ({info}): use a new --out")
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
@@ -187,8 +199,8 @@ def main(argv=None) -> dict:
     }
     (out / "curves.json").write_text(json.dumps(summary, indent=2))
     title = (
-        f"DETR on Color Boxes ({args.train} train / {args.val} val, {args.size} px): "
-        "Hungarian vs OT"
+        f"DETR on Color Boxes ({args.train} train / {args.val} val, {args.size} px, "
+        f"<= {args.max_boxes} boxes): Hungarian vs OT"
     )
     plot(result, out / "curves.png", title)
     print(f"\n{title}\n")

@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny sizes) and their solvers meet the stated error."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -61,3 +62,19 @@ def test_train_assigners_quick(tmp_path, capsys):
         assert 0.0 <= r["AP"] <= 1.0 and r["step_s"] > 0
     assert "| ota |" in capsys.readouterr().out
     assert (tmp_path / "results.json").exists()
+
+
+def test_detr_convergence_quick(tmp_path, capsys):
+    summary = _load("detr_convergence").main(
+        ["--out", str(tmp_path), "--train", "4", "--val", "2", "--size", "64", "--epochs", "2"]
+        + ["--eval-every", "1", "--batch-size", "2", "--hidden-dim", "32", "--enc-layers", "1"]
+        + ["--dec-layers", "1", "--dim-feedforward", "32", "--num-queries", "32", "--no-progress"]
+    )
+    runs = summary["runs"]
+    assert set(runs) == {"hungarian", "ot"}
+    for r in runs.values():
+        assert r["epoch"] == [1, 2] and all(0.0 <= ap <= 1.0 for ap in r["AP"])
+    saved = json.loads((tmp_path / "curves.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(runs))
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert "| epoch | hungarian AP | ot AP |" in capsys.readouterr().out

@@ -97,7 +97,7 @@ def _cluster_box(
 
 
 def render_image(
-    rng: np.random.Generator, size: int, crowded: bool = False
+    rng: np.random.Generator, size: int, crowded: bool = False, max_boxes: int = MAX_BOXES
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
     """One image: ``uint8 [size, size, 3]`` and its boxes ``(x, y, w, h, label)`` (pixels,
     ``label`` in ``0..19`` indexing :data:`COLORS`), in drawing order.
@@ -105,12 +105,13 @@ def render_image(
     Boxes are placed one at a time on top of the earlier ones; a candidate that would leave an
     earlier box less than ``MIN_VISIBLE`` visible is redrawn (up to ``PLACEMENT_TRIES`` times,
     then skipped), so every box keeps its colour on screen and its annotation is honest.
+    ``max_boxes`` (default the paper's 30) caps the boxes attempted.
     """
     if crowded:
-        n = int(rng.integers(CROWD_BOXES, MAX_BOXES + 1))
+        n = int(rng.integers(min(CROWD_BOXES, max_boxes), max_boxes + 1))
         centres = [_random_box(rng, size) for _ in range(int(rng.integers(*CROWD_CLUSTERS)))]
     else:
-        n = int(rng.integers(0, MAX_BOXES + 1))
+        n = int(rng.integers(0, max_boxes + 1))
     owner = np.full((size, size), -1)  # index of the box on top of each pixel
     visible, boxes = [], []  # visible pixels per placed box
     for _ in range(n):
@@ -157,12 +158,20 @@ def generate(
     seed: int = 0,
     crowded: bool = False,
     progress: bool = True,
+    max_boxes: int = MAX_BOXES,
 ) -> dict[str, Path]:
     """Write the dataset under ``out``; returns ``{"train": json path, "val": json path}``
-    (a split with 0 images gets a valid, empty annotation file)."""
+    (a split with 0 images gets a valid, empty annotation file). ``max_boxes`` caps the boxes
+    per image (the paper's 30 by default; fewer make an easier set)."""
     from PIL import Image
 
-    for name, value, low in (("train", train, 0), ("val", val, 0), ("size", size, 2 * MIN_SIDE)):
+    checks = (
+        ("train", train, 0),
+        ("val", val, 0),
+        ("size", size, 2 * MIN_SIDE),
+        ("max_boxes", max_boxes, 1),
+    )
+    for name, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     out = Path(out)
@@ -181,7 +190,7 @@ def generate(
             steps = tqdm(steps, desc=f"Color Boxes {split}", unit="img", file=sys.stderr)
         for i in steps:
             rng = np.random.default_rng([seed, split_index, i])
-            img, boxes = render_image(rng, size, crowded)
+            img, boxes = render_image(rng, size, crowded, max_boxes)
             file_name = f"{split}/{i + 1:06d}.png"
             Image.fromarray(img).save(out / file_name)
             image_id = i + 1
@@ -198,7 +207,13 @@ def generate(
                     }
                 )
         files[split] = out / "annotations" / f"instances_{split}.json"
-        info = {"description": "Color Boxes", "seed": seed, "size": size, "crowded": crowded}
+        info = {
+            "description": "Color Boxes",
+            "seed": seed,
+            "size": size,
+            "crowded": crowded,
+            "max_boxes": max_boxes,
+        }
         _write_json_atomic(
             files[split],
             {"info": info, "images": images, "annotations": annotations, "categories": categories},
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crowded", action="store_true", help="heavy overlap and occlusion")
+    p.add_argument("--max-boxes", type=int, default=MAX_BOXES, help="boxes per image at most")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("train", "val"):
@@ -225,8 +241,17 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.size < 2 * MIN_SIDE:
         p.error(f"--size must be >= {2 * MIN_SIDE}, got {args.size}")
+    if args.max_boxes < 1:
+        p.error(f"--max-boxes must be >= 1, got {args.max_boxes}")
     files = generate(
-        args.out, args.train, args.val, args.size, args.seed, args.crowded, not args.no_progress
+        args.out,
+        args.train,
+        args.val,
+        args.size,
+        args.seed,
+        args.crowded,
+        not args.no_progress,
+        args.max_boxes,
     )
     print(f"wrote {files['train']} ({args.train} images) and {files['val']} ({args.val} images)")
     return files

@@ -24,6 +24,8 @@ __all__ = ["DETR", "MLP", "PositionEmbeddingSine", "Transformer"]
 
 #: Backbone feature levels the model can read: C3, C4, C5 (strides 8, 16, 32).
 FEATURE_LEVELS = (3, 4, 5)
+#: Groups of the GroupNorm after the input projection (``hidden_dim`` must be a multiple).
+GROUP_NORM_GROUPS = 32
 #: Detections kept per image at inference (COCO's maxDets).
 MAX_DETECTIONS = 100
 
@@ -182,15 +184,20 @@ class DETR(nn.Module):
         super().__init__()
         if feature_level not in FEATURE_LEVELS:
             raise ValueError(f"feature_level must be one of {FEATURE_LEVELS}, got {feature_level}")
-        if hidden_dim % 2 or hidden_dim % nheads:
+        if hidden_dim % GROUP_NORM_GROUPS or hidden_dim % nheads:
             raise ValueError(
-                f"hidden_dim must be even and divisible by nheads, got {hidden_dim} and {nheads}"
+                f"hidden_dim must be a multiple of {GROUP_NORM_GROUPS} and of nheads, got "
+                f"{hidden_dim} and {nheads}"
             )
         self.num_classes, self.num_queries = num_classes, num_queries
         self.feature_level, self.aux_loss, self.focal = feature_level, aux_loss, focal
         self.backbone = backbone
         in_channels = backbone.out_channels[FEATURE_LEVELS.index(feature_level)]
-        self.input_proj = nn.Conv2d(in_channels, hidden_dim, 1)
+        # The projection is normalised (as Deformable DETR's): a backbone trained from scratch
+        # has no BatchNorm statistics, and its raw features are small next to the positions.
+        self.input_proj = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_dim, 1), nn.GroupNorm(GROUP_NORM_GROUPS, hidden_dim)
+        )
         self.position = PositionEmbeddingSine(hidden_dim // 2)
         self.transformer = Transformer(
             hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout

@@ -70,3 +70,19 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         colorboxes.main(["--out", str(tmp_path), "--train", "-1"])
     assert "--train must be >= 0" in capsys.readouterr().err
+
+
+def test_max_boxes(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for crowded in (False, True):
+        counts = [len(colorboxes.render_image(rng, 96, crowded, max_boxes=5)[1]) for _ in range(30)]
+        assert max(counts) <= 5 and np.mean(counts) > 1
+    files = colorboxes.generate(tmp_path, train=3, val=0, size=64, progress=False, max_boxes=2)
+    data = json.loads(files["train"].read_text())
+    per_image = np.bincount([a["image_id"] for a in data["annotations"]], minlength=4)
+    assert per_image.max() <= 2 and data["info"]["max_boxes"] == 2
+    with pytest.raises(SystemExit):
+        colorboxes.main(["--out", str(tmp_path), "--max-boxes", "0"])
+    assert "--max-boxes must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_boxes must be an integer >= 1"):
+        colorboxes.generate(tmp_path, train=1, val=0, max_boxes=0)
