@@ -26,6 +26,21 @@ def _type_of(field: dataclasses.Field):
     return str
 
 
+def _check_preset(cls, values: dict, p: argparse.ArgumentParser) -> None:
+    """A config class with ``PRESETS`` (name -> {field: value or function of the config}) and a
+    ``preset`` field: a field given explicitly (file or command line) that the chosen preset sets
+    to another value is an error, never silently overridden."""
+    presets = getattr(cls, "PRESETS", None)
+    name = values.get("preset")
+    if not presets or not name or name not in presets:
+        return
+    for key, value in presets[name].items():
+        if key in values and (callable(value) or values[key] != value):
+            flag = "--" + key.replace("_", "-")
+            what = f"derives {flag}" if callable(value) else f"sets {flag} to {value!r}"
+            p.error(f"--preset {name} {what}: drop {flag} {values[key]!r} or the preset")
+
+
 def parse_config(cls, argv=None, description: str = ""):
     """Build ``cls`` (a dataclass) from ``--config file.yaml`` and the command line; the command
     line wins. Field ``foo_bar`` is ``--foo-bar``; bools are ``--foo`` / ``--no-foo``."""
@@ -72,6 +87,7 @@ def parse_config(cls, argv=None, description: str = ""):
         v = getattr(args, f.name)
         if v is not None:
             values[f.name] = v
+    _check_preset(cls, values, p)
     for key in ("tau1", "tau2"):
         if key in values and isinstance(values[key], str) and values[key] in ("inf", "infinity"):
             values[key] = math.inf

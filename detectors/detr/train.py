@@ -10,9 +10,11 @@
 plan (the UOT paper's loss), ``hard`` uses the decoded pairs. ``--preset uot-paper`` is the UOT
 paper's DETR setting: balanced OT, eps = 0.12 / (log(2 Q) + 1) on the matching cost divided by
 its maximum, matching weights class 2, L1 5, GIoU 2, plan-weighted loss. The output directory,
-checkpoints, resume and logs are as for ``detectors.fcos.train``. Defaults are sized for a CPU;
-DETR-R50 is ``--depth 50 --hidden-dim 256 --enc-layers 6 --dec-layers 6 --dim-feedforward 2048
---num-queries 100 --feature-level 5``.
+checkpoints, resume and logs are as for ``detectors.fcos.train``. Defaults are sized for a CPU
+(a from-scratch backbone, no dropout or gradient clipping: they slow a small model's escape from
+DETR's early loss plateau); DETR-R50 is ``--depth 50 --hidden-dim 256 --enc-layers 6
+--dec-layers 6 --dim-feedforward 2048 --num-queries 100 --feature-level 5 --dropout 0.1
+--clip-grad 0.1``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -60,13 +63,17 @@ PRESETS = {
 
 @dataclass
 class DETRConfig(TrainConfig):
+    PRESETS: ClassVar[dict] = PRESETS
+
     out: str = field(default="runs/detr", metadata={"help": "output directory"})
     epochs: int = field(default=50, metadata={"help": "training epochs"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (transformer)"})
     lr_backbone: float = field(default=1e-4, metadata={"help": "AdamW learning rate (backbone)"})
     lr_drop: int = field(default=0, metadata={"help": "epoch of the 10x LR drop (0: 2/3 in)"})
     warmup_iters: int = field(default=0, metadata={"help": "linear warm-up iterations"})
-    clip_grad: float = field(default=0.1, metadata={"help": "max gradient norm (0: off)"})
+    clip_grad: float = field(
+        default=0.0, metadata={"help": "max gradient norm (0: off; DETR's is 0.1)"}
+    )
     preset: str = field(
         default="", metadata={"help": "named setting (fixes its fields)", "choices": ("", *PRESETS)}
     )
@@ -95,7 +102,7 @@ class DETRConfig(TrainConfig):
     enc_layers: int = field(default=2, metadata={"help": "encoder layers"})
     dec_layers: int = field(default=2, metadata={"help": "decoder layers"})
     dim_feedforward: int = field(default=512, metadata={"help": "feed-forward width"})
-    dropout: float = 0.1
+    dropout: float = field(default=0.0, metadata={"help": "transformer dropout (DETR's: 0.1)"})
     num_queries: int = field(default=50, metadata={"help": "object queries"})
     feature_level: int = field(
         default=4, metadata={"help": "backbone level read: 3, 4, 5 (stride 8, 16, 32)"}
@@ -109,8 +116,9 @@ class DETRConfig(TrainConfig):
             raise ValueError(f"--num-queries must be >= 1, got {self.num_queries}")
 
     def _apply_preset(self, preset: dict) -> None:
-        """Set the preset's fields; one that was also given a different value is an error
-        (nothing is silently overridden)."""
+        """Set the preset's fields. On the command line a field given explicitly is checked by
+        :func:`~detectors.common.config.parse_config`; here a field away from both its default
+        and the preset's value is an error (nothing is silently overridden)."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, value in preset.items():
             value = value(self) if callable(value) else value

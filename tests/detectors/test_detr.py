@@ -2,6 +2,10 @@
 at the Hungarian limit, smoke runs of both matchers and weightings, resume, bad input."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from detectors.detr.model import DETR, PositionEmbeddingSine
 from detectors.fcos import train as fcos_train
 from uotmatch.detection import HungarianMatcher, UOTMatcher
 
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "--batch-size",
     "4",
@@ -229,7 +234,13 @@ def test_preset_sets_the_paper_setting():
 def test_bad_input(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         detr_train.main(["--data", str(data), "--preset", "uot-paper", "--matcher", "hungarian"])
-    assert "--preset uot-paper sets --matcher to 'uot'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--preset uot-paper sets --matcher to 'uot': drop --matcher 'hungarian'" in err
+    with pytest.raises(SystemExit):
+        detr_train.main(["--data", str(data), "--preset", "uot-paper", "--eps", "0.05"])
+    assert "--preset uot-paper derives --eps: drop --eps 0.05" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--preset uot-paper sets --matcher"):
+        detr_train.DETRConfig(data="x", preset="uot-paper", matcher="other")
     with pytest.raises(SystemExit):
         detr_train.main(["--data", str(data), "--matcher", "sinkhorn"])
     with pytest.raises(SystemExit):
@@ -253,3 +264,17 @@ def test_bad_input(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         detr_evaluate.main(["--checkpoint", str(fcos_out / "last.pth"), "--data", str(data)])
     assert "is not a detectors.detr.train training checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun smoke test on Linux")
+def test_two_process_gloo_run(data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", "29518", "-m", "detectors.detr.train", "--data", str(data)]
+    cmd += ["--out", str(out), "--epochs", "1", "--device", "cpu", "--preset", "uot-paper"]
+    cmd += SMALL
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert load_checkpoint(out / "last.pth")["epoch"] == 1
+    assert run.stdout.count("| DETR-uot, plan loss | AP |") == 1  # rank 0 alone prints
