@@ -2,9 +2,6 @@
 at the Hungarian limit, smoke runs of both matchers and weightings, resume, bad input."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from detectors.detr import train as detr_train
 from detectors.detr.criterion import SetCriterion, detr_targets, plan_from_pairs
 from detectors.detr.model import DETR, PositionEmbeddingSine
 from detectors.fcos import train as fcos_train
+from tests.detectors.helpers import linux_only, torchrun
 from uotmatch.detection import HungarianMatcher, UOTMatcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -266,15 +264,10 @@ def test_bad_input(data, tmp_path, capsys):
     assert "is not a detectors.detr.train training checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun smoke test on Linux")
+@linux_only
 def test_two_process_gloo_run(data, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", "29518", "-m", "detectors.detr.train", "--data", str(data)]
-    cmd += ["--out", str(out), "--epochs", "1", "--device", "cpu", "--preset", "uot-paper"]
-    cmd += SMALL
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
+    argv = ["--data", str(data), "--out", str(out), "--epochs", "1", "--preset", "uot-paper"]
+    run = torchrun("detectors.detr.train", argv + SMALL, port=29518)
     assert load_checkpoint(out / "last.pth")["epoch"] == 1
     assert run.stdout.count("| DETR-uot, plan loss | AP |") == 1  # rank 0 alone prints

@@ -2,9 +2,6 @@
 bad input, and a 2-process gloo run through torchrun."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from detectors.common.engine import NonFiniteLossError, train_one_epoch
 from detectors.data import colorboxes
 from detectors.fcos import evaluate as fcos_evaluate
 from detectors.fcos import train as fcos_train
+from tests.detectors.helpers import linux_only, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -117,32 +115,11 @@ def test_bad_input(data, tmp_path, capsys):
     assert "none.pth does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun smoke test on Linux")
+@linux_only
 def test_two_process_gloo_run(data, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "detectors.fcos.train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
-        *SMALL,
-    ]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
+    argv = ["--data", str(data), "--out", str(out), "--epochs", "1", *SMALL]
+    run = torchrun("detectors.fcos.train", argv, port=29517)
     state = load_checkpoint(out / "last.pth")
     assert state["epoch"] == 1
     assert run.stdout.count("| FCOS-ota | AP |") == 1  # rank 0 alone prints
