@@ -144,6 +144,23 @@ class HungarianMatcher(_SetMatcher):
 
     Returns from ``forward(outputs, targets)`` a list of ``(pred_idx, gt_idx)`` int64 CPU tensor
     pairs, one per image, sorted by prediction.
+
+    Example:
+        >>> import torch
+        >>> from uotmatch.detection import HungarianMatcher, UOTMatcher
+        >>> outputs = {
+        ...     "pred_logits": torch.eye(3)[None] * 2,  # [B, Q, K + 1]
+        ...     "pred_boxes": torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2],
+        ...                                  [0.5, 0.5, 0.9, 0.9]]]),  # [B, Q, 4] cxcywh
+        ... }
+        >>> targets = [{"labels": torch.tensor([1, 0]),
+        ...             "boxes": torch.tensor([[0.7, 0.7, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]])}]
+        >>> HungarianMatcher()(outputs, targets)
+        [(tensor([0, 1]), tensor([1, 0]))]
+        >>> UOTMatcher(eps=0.0)(outputs, targets)  # the Hungarian limit
+        [(tensor([0, 1]), tensor([1, 0]))]
+        >>> UOTMatcher(eps=0.05).solve(outputs, targets).plan.shape  # [B, Q, G + 1]: soft plan
+        torch.Size([1, 3, 3])
     """
 
     def __init__(

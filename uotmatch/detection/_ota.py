@@ -230,6 +230,17 @@ class OTAAssigner(UOTAssigner):
     (positive from a ground truth, or negative from background), every ground truth supplies its
     dynamic ``k``. Defaults as the paper: eps 0.1, centre-prior radius 2.5, q 20, cost weight
     ``alpha = 1.5`` on the IoU cost. Only candidate anchors enter the solve.
+
+    Example:
+        >>> import torch
+        >>> from uotmatch.detection import OTAAssigner, anchor_points
+        >>> points, strides = anchor_points(64, 64)  # [85, 2], [85]
+        >>> cls_logits = torch.full((1, 85, 3), -4.6)  # [B, A, K]
+        >>> pred_boxes = torch.cat([points - 16, points + 16], 1)[None]  # [B, A, 4]
+        >>> gt_boxes, gt_labels = torch.tensor([[[8.0, 8.0, 40.0, 40.0]]]), torch.tensor([[2]])
+        >>> result = OTAAssigner()(points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels)
+        >>> result.num_fg, result.labels[result.fg_mask]
+        (tensor([5]), tensor([2, 2, 2, 2, 2]))
     """
 
     def __init__(self, eps: float = 0.1, **kwargs):

@@ -57,7 +57,12 @@ def _pairwise_inter_union(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise IoU, ``[..., M, 4]`` x ``[..., N, 4]`` -> ``[..., M, N]``."""
+    """Pairwise IoU, ``[..., M, 4]`` x ``[..., N, 4]`` -> ``[..., M, N]``.
+
+    Example:
+        >>> box_iou(torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 1, 3, 3], [0, 0, 2, 2]]))
+        tensor([[0.1429, 1.0000]])
+    """
     inter, union = _pairwise_inter_union(boxes1, boxes2)
     return _safe_div(inter, union)
 
