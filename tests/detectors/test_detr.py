@@ -2,7 +2,6 @@
 at the Hungarian limit, smoke runs of both matchers and weightings, resume, bad input."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,45 +10,17 @@ from detectors.common.backbone import ResNet
 from detectors.common.checkpoint import load_checkpoint
 from detectors.common.data import collate
 from detectors.common.trainer import datasets
-from detectors.data import colorboxes
 from detectors.detr import evaluate as detr_evaluate
 from detectors.detr import train as detr_train
 from detectors.detr.criterion import SetCriterion, detr_targets, plan_from_pairs
 from detectors.detr.model import DETR, PositionEmbeddingSine
 from detectors.fcos import train as fcos_train
-from tests.detectors.helpers import linux_only, torchrun
+from tests.detectors.helpers import TINY_RUN, linux_only, torchrun
 from uotmatch.detection import HungarianMatcher, UOTMatcher
 
-ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "--batch-size",
-    "4",
-    "--short",
-    "64",
-    "--max-size",
-    "64",
-    "--hidden-dim",
-    "32",
-    "--nheads",
-    "4",
-    "--enc-layers",
-    "1",
-    "--dec-layers",
-    "2",
-    "--dim-feedforward",
-    "64",
-    "--num-queries",
-    "32",
-    "--no-progress",
-]
+SMALL = [*TINY_RUN, "--hidden-dim", "32", "--nheads", "4", "--enc-layers", "1"]
+SMALL += ["--dec-layers", "2", "--dim-feedforward", "64", "--num-queries", "32"]
 WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cb")
-    colorboxes.generate(root, train=8, val=4, size=64, seed=0, progress=False)
-    return root
 
 
 def _model(num_classes=3, **kw):

@@ -2,41 +2,17 @@
 bad input, and a 2-process gloo run through torchrun."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from detectors.common.checkpoint import load_checkpoint
 from detectors.common.engine import NonFiniteLossError, train_one_epoch
-from detectors.data import colorboxes
 from detectors.fcos import evaluate as fcos_evaluate
 from detectors.fcos import train as fcos_train
-from tests.detectors.helpers import linux_only, torchrun
+from tests.detectors.helpers import TINY_RUN, linux_only, torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "--batch-size",
-    "4",
-    "--short",
-    "64",
-    "--max-size",
-    "64",
-    "--channels",
-    "32",
-    "--head-depth",
-    "1",
-    "--no-progress",
-    "--warmup-iters",
-    "5",
-]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cb")
-    colorboxes.generate(root, train=8, val=4, size=64, seed=0, progress=False)
-    return root
+SMALL = [*TINY_RUN, "--channels", "32", "--head-depth", "1", "--warmup-iters", "5"]
 
 
 def test_train_evaluate_and_log(data, tmp_path, capsys):
