@@ -185,22 +185,15 @@ def main(argv=None) -> dict:
         batch, pending = pending[: args.parallel], pending[args.parallel :]
         procs = []
         for name in batch:
-            (out / name).mkdir(parents=True, exist_ok=True)
-            log = open(out / name / "train.log", "a")  # noqa: SIM115 (closed below)
-            print(f"training {name}: log in {out / name / 'train.log'}")
-            procs.append(
-                (
-                    name,
-                    log,
-                    subprocess.Popen(
-                        _command(args, name, data), env=env, stdout=log, stderr=subprocess.STDOUT
-                    ),
-                )
-            )
+            log = out / name / "train.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"training {name}: log in {log}")
+            with open(log, "a") as fh:  # the child keeps its own copy of the descriptor
+                cmd = _command(args, name, data)
+                procs.append((name, log, subprocess.Popen(cmd, env=env, stdout=fh, stderr=fh)))
         for name, log, proc in procs:
             if proc.wait() != 0:
-                raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log.name}")
-            log.close()
+                raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log}")
     result = curves(out, args.runs)
     summary = {
         "setting": {k: v for k, v in vars(args).items() if k not in ("runs", "no_progress")},

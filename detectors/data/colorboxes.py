@@ -1,8 +1,8 @@
 """Color Boxes: the UOT paper's synthetic detection set, written as a real COCO dataset on disk.
 
 Each image holds 0-30 axis-aligned, filled rectangles in 20 colours (one category per colour) on
-a noisy grey background. Later boxes are drawn over earlier ones; a box that ends up mostly hidden
-is removed from the image *and* the annotations, so every annotated box shows its colour. The
+a noisy grey background. Later boxes are drawn over earlier ones; a box that would hide most of
+an earlier one is redrawn elsewhere (or skipped), so every annotated box shows its colour. The
 ``--crowded`` mode piles boxes into a few clusters of near-duplicates (heavy overlap and
 occlusion: the ambiguous anchors OTA was built for).
 
@@ -59,7 +59,8 @@ MAX_BOXES = 30
 MIN_SIDE = 6
 #: Largest box side as a fraction of the image side (normal mode).
 MAX_SIDE_FRACTION = 0.25
-#: A box keeps its annotation only if at least this fraction of it stays visible.
+#: Every box keeps at least this fraction of its area visible (later boxes that would cover more
+#: are redrawn).
 MIN_VISIBLE = 0.3
 #: Tries to place a box before giving up on it (see :func:`render_image`).
 PLACEMENT_TRIES = 20

@@ -227,8 +227,7 @@ def test_bad_input(data, tmp_path, capsys):
     fcos_out = tmp_path / "fcos"
     fcos_train.main(
         ["--data", str(data), "--out", str(fcos_out), "--epochs", "1", "--eval-every", "0"]
-        + ["--batch-size", "4", "--short", "64", "--max-size", "64", "--channels", "32"]
-        + ["--head-depth", "1", "--no-progress"]
+        + [*TINY_RUN, "--channels", "32", "--head-depth", "1"]
     )
     with pytest.raises(SystemExit):
         detr_evaluate.main(["--checkpoint", str(fcos_out / "last.pth"), "--data", str(data)])
