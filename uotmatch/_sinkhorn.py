@@ -121,12 +121,15 @@ class _Side:
     alive: Tensor  # [B, L] bool
     tau: float
     mass: Tensor  # [B, L], 0 on dead lines
-    scale: Tensor  # [B, 1]: 1 / prescribed total mass (1 where that is 0)
+    scale: Tensor  # [B]: 1 / prescribed total mass (1 where that is 0)
 
     @classmethod
-    def make(cls, log_mass: Tensor, alive: Tensor, tau: float) -> _Side:
+    def make(
+        cls, log_mass: Tensor, alive: Tensor, tau: float, total: Tensor | None = None
+    ) -> _Side:
+        """``total`` ``[B]`` overrides the mass errors are relative to (default: this side's)."""
         mass = torch.where(alive, log_mass.exp(), torch.zeros_like(log_mass))
-        total = mass.sum(-1)
+        total = mass.sum(-1) if total is None else total
         return cls(log_mass, alive, tau, mass, torch.where(total > 0, 1 / total, 1.0))
 
     def error(self, actual: Tensor, potential: Tensor) -> Tensor | None:
@@ -331,6 +334,7 @@ def sinkhorn(
     tol: float,
     row_min: Tensor | None = None,
     col_min: Tensor | None = None,
+    error_mass: Tensor | None = None,
 ) -> SinkhornOutput:
     """Solve a batch of entropic UOT problems.
 
@@ -344,6 +348,8 @@ def sinkhorn(
         max_iter: total scaling iterations (eps-scaling stages included).
         tol: stop an item once its relative marginal error is at most this.
         row_min, col_min: ``cost.amin(-1)`` and ``cost.amin(-2)`` if the caller has them.
+        error_mass: ``[B]``, when given, the mass marginal errors are relative to (default: each
+            side's prescribed total), e.g. that of the full problem a screened one came from.
     """
     B, M, N = cost.shape
     row_min = cost.amin(-1) if row_min is None else row_min  # [B, M]
@@ -366,7 +372,8 @@ def sinkhorn(
     # |log u| + |log v| nears |floor| keeps what they would have grown to negligible.
     floor = KERNEL_LOG_FLOOR[cost.dtype]
     absorb_at, log_clamp = -floor / ABSORB_FRACTION, -floor / CLAMP_FRACTION
-    rows, cols = _Side.make(log_a, row_alive, tau1), _Side.make(log_b, col_alive, tau2)
+    rows = _Side.make(log_a, row_alive, tau1, error_mass)
+    cols = _Side.make(log_b, col_alive, tau2, error_mass)
     finite1, finite2 = 0 < tau1 < math.inf, 0 < tau2 < math.inf  # targets move with f, g
 
     # Warm start: every line of the longer side (where a tau > 0 lets it move) gets a kernel

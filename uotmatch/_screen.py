@@ -1,0 +1,183 @@
+"""Background screening: the predictions that can only go to the background, found before any
+kernel is built, so a balanced solve with a background column iterates on the rest only.
+
+In a detection batch most predictions (anchors) are far from every ground truth: their cost to
+each ground truth is far above their background cost. For the balanced problem
+(``tau1 = tau2 = inf``) with a background column ∅ of positive mass, any plan row satisfies,
+with ``D_ij = C_ij - C_i∅`` and the column prices ``Delta_j = g_j - g_∅``::
+
+    P_ij = P_i∅ exp((Delta_j - D_ij) / eps)
+
+so row i sends at most ``a_i exp((max_j Delta_j - min_j D_ij) / eps)`` to the ground truths. An
+a-priori bound on ``max_j Delta_j`` (:func:`price_bound`) thus tells, from the row minima alone,
+which rows go to ∅ entirely *to the precision of the dtype*: their real entries are below
+``exp(-MARGIN)`` of an ulp of their mass. Those rows leave the problem (their mass comes off the
+background column's); the solve runs on the kept rows, and the full plan, potentials and marginal
+error are put back together exactly (:meth:`Screen.expand_plan`, :meth:`Screen.expand_f`).
+
+The bound. At the optimum, ``Delta_j <= Delta* = max_j Delta_j`` for every real j gives
+``P_i∅ >= a_i / (1 + e^{Delta*/eps} W_i)`` with ``W_i = sum_j e^{-D_ij/eps}``, so the column
+``j*`` attaining the maximum receives ``b_j* >= F_j*(Delta*)``, where
+
+    F_j(Delta) = sum_i cap_ij sigmoid(Delta / eps + log W_i),   cap_ij = a_i e^{-D_ij/eps} / W_i
+
+is increasing. Hence ``Delta* <= max_j F_j^{-1}(b_j)``. Summing over a sample of rows only lowers
+``F_j``, so the bound computed on the rows with the smallest ``min_j D_ij`` stays valid; and with
+the rows sorted by ``-log W_i``, ``F_j(Delta) >= sigmoid(t) * (capacity of the rows with
+-log W_i <= Delta / eps - t)``, which gives ``F_j^{-1}(b_j)`` from one cumulative sum, for a few
+``t``. The bound is typically within a few eps of the true largest price.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Screening is tried from this many rows (predictions) on; below, building the kernel is cheap.
+MIN_ROWS = 1024
+#: ... and used when at most this fraction of the rows are kept.
+MAX_KEPT_FRACTION = 0.5
+#: Rows sampled for the price bound: this many times the rows needed to hold the ground truths'
+#: mass (at least ``MIN_SAMPLE``); doubled while some ground truth's bound is infinite.
+SAMPLE_FACTOR = 4
+MIN_SAMPLE = 256
+#: Offsets ``t`` (in units of eps) at which the bound is evaluated; the smallest result is used.
+OFFSETS = (0.0, 1.0, 2.0, 4.0, 8.0)
+#: Extra margin, in units of eps, beyond the dtype's precision and ``log(N + 1)``.
+MARGIN = 4.0
+#: Exponents below this are taken as 0 in the bound's float64 arithmetic (exact enough: they
+#: only make the capacities, hence the bound, more conservative).
+LOG_FLOOR = -700.0
+
+
+def margin(dtype: torch.dtype, n_cols: int) -> float:
+    """Excluded rows send less than ``exp(-margin)`` of their mass to each of ``n_cols``
+    columns: in total below ``exp(-MARGIN)`` of one ulp (relative) of the dtype."""
+    return -math.log(torch.finfo(dtype).eps) + math.log(n_cols + 1) + MARGIN
+
+
+def price_bound(D: Tensor, a: Tensor, b: Tensor, eps: float) -> Tensor:
+    """Upper bound, ``[B]``, on ``max_j (g_j - g_∅)`` at the optimum, in float64.
+
+    Args:
+        D: ``[B, R, N]`` ``C_ij - C_i∅`` on a sample of R rows (``+inf`` where forbidden).
+        a: ``[B, R]`` their masses. b: ``[B, N]`` the ground-truth masses (0 on masked columns,
+            which then do not count).
+    Returns ``+inf`` for an item where the sample cannot hold some ground truth's mass.
+    """
+    B, R, N = D.shape
+    x = D.double().div(-eps)  # -D / eps: log e^{-D/eps}
+    top = x.amax(-1, keepdim=True)  # [B, R, 1]; -inf for a row forbidden everywhere
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    w = (x - top).clamp_min_(LOG_FLOOR).exp_()
+    w = torch.nn.functional.threshold_(w, math.exp(LOG_FLOOR) * 1.001, 0.0)
+    W = w.sum(-1, keepdim=True)  # [B, R, 1], e^{-top} W_i
+    cap = w.div_(W.clamp_min(1e-300)).mul_(a.double().unsqueeze(-1))  # cap_ij
+    log_w = torch.where(W > 0, W.log() + top, -math.inf).squeeze(-1)  # log W_i
+    mid, order = (-log_w).sort(-1)  # sigmoid midpoints -log W_i, ascending ([B, R])
+    cum = cap.gather(1, order.unsqueeze(-1).expand(B, R, N)).cumsum(1).mT.contiguous()
+    t = torch.tensor(OFFSETS, dtype=torch.float64, device=D.device)
+    need = b.double().unsqueeze(-1) * (1 + torch.exp(-t))  # b_j / sigmoid(t), [B, N, T]
+    pos = torch.searchsorted(cum, need)  # first sorted row whose capacity reaches it
+    found = pos < R
+    s = mid.unsqueeze(1).expand(B, N, R).gather(2, pos.clamp_max(R - 1)) + t
+    s = torch.where(found, s, math.inf).amin(-1)  # [B, N]: F_j^{-1}(b_j) / eps bound
+    s = torch.where(b > 0, s, -math.inf)  # massless columns set no price
+    return eps * s.amax(-1)
+
+
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[b, idx[b, k]]``: rows ``[B, M, ...]`` -> ``[B, L, ...]`` for ``idx [B, L]``."""
+    B, M = x.shape[:2]
+    flat = (idx + M * torch.arange(B, device=idx.device).unsqueeze(1)).view(-1)
+    return x.reshape(B * M, *x.shape[2:]).index_select(0, flat).view(*idx.shape, *x.shape[2:])
+
+
+@dataclass
+class Screen:
+    """The rows kept by screening and how to put the full solution back together."""
+
+    idx: Tensor  # [B, L] kept rows (padding past each item's count: row 0)
+    valid: Tensor  # [B, L] bool, False on padding
+    threshold: Tensor  # [B]: rows with min_j D_ij >= this were excluded
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Rows ``[B, M, ...]`` -> ``[B, L, ...]`` (padding holds row 0)."""
+        return gather_rows(x, self.idx)
+
+    def kept_mass(self, a: Tensor) -> Tensor:
+        """``[B, L]`` masses of the kept rows, 0 on padding."""
+        return torch.where(self.valid, self.gather(a), 0.0)
+
+    def _rows(self, M: int) -> Tensor:
+        """Flat indices ``b * M + i`` of the kept rows, padding left out."""
+        B = self.idx.shape[0]
+        return (self.idx + M * torch.arange(B, device=self.idx.device).unsqueeze(1))[self.valid]
+
+    def expand_plan(self, plan: Tensor, a: Tensor) -> Tensor:
+        """The full ``[B, M, N + 1]`` plan from the kept rows' ``[B, L, N + 1]``: an excluded
+        row sends its whole mass ``a_i`` to ∅."""
+        B, M = a.shape
+        full = torch.nn.functional.pad(a.unsqueeze(-1), (plan.shape[-1] - 1, 0))  # [0 .. 0 a]
+        full.view(B * M, -1).index_copy_(0, self._rows(M), plan[self.valid])
+        return full
+
+    def expand_f(self, f: Tensor, g: Tensor, bg: Tensor, a: Tensor, eps: float) -> Tensor:
+        """The full ``[B, M]`` row potentials: an excluded row's is what the row update gives
+        with only its background entry, ``eps log a_i + C_i∅ - g_∅`` (0 without mass)."""
+        M = a.shape[1]
+        full = torch.where(a > 0, eps * a.log() + bg - g[:, -1:], torch.zeros_like(a))
+        full.view(-1).index_copy_(0, self._rows(M), f[self.valid])
+        return full
+
+
+def screen(
+    C: Tensor, row_min: Tensor, bg: Tensor, a: Tensor, b: Tensor, eps: float
+) -> Screen | None:
+    """Find the rows of a balanced problem that go to the background to the dtype's precision.
+
+    Args:
+        C: ``[B, M, N]`` real-column costs (``+inf`` on masked columns). row_min: ``C.amin(-1)``.
+        bg: ``[B, M]`` background costs. a: ``[B, M]``, b: ``[B, N]`` masses (b 0 where masked).
+        eps: > 0.
+    Returns ``None`` when screening does not apply (no background mass, no ground-truth mass) or
+    would keep more than ``MAX_KEPT_FRACTION`` of the rows.
+    """
+    B, M, N = C.shape
+    sum_a, sum_b = a.sum(-1), b.sum(-1)
+    if N == 0 or not bool(((sum_a > sum_b) & (sum_b > 0)).all()):
+        return None  # no background mass (bound undefined) or nothing to screen for
+    # In float64: costs may be large (penalties) next to eps * margin. Rows without mass may be
+    # kept or sampled: they add nothing to the bound and solve to zero.
+    bg64 = bg.double()
+    d_min = row_min.double() - bg64  # -inf where C_i0 = +inf; NaN (never kept) if all are
+    rows_needed = float((sum_b / sum_a).max()) * M  # at the mean row mass
+    R = min(M, max(MIN_SAMPLE, math.ceil(SAMPLE_FACTOR * rows_needed)))
+    while True:
+        sample = d_min.topk(R, dim=1, largest=False, sorted=False).indices  # [B, R]
+        bg_s = gather_rows(bg64, sample).unsqueeze(-1)
+        # A row that cannot use the background (C_i0 = +inf) is kept whatever the bound and
+        # left out of it (it only adds to the columns' supply): as if forbidden everywhere.
+        D = torch.where(bg_s < math.inf, gather_rows(C, sample).double() - bg_s, math.inf)
+        bound = price_bound(D, gather_rows(a, sample), b, eps)
+        if bool(torch.isfinite(bound).all()) or R == M:
+            break
+        R = min(M, 2 * R)
+    threshold = bound + eps * margin(C.dtype, N)  # float64
+    keep = d_min < threshold.unsqueeze(-1)  # +inf bound: keeps every row with mass
+    count = keep.sum(-1)
+    L = int(count.max())
+    if L > MAX_KEPT_FRACTION * M or L == 0:
+        return None
+    item, row = keep.nonzero().unbind(1)  # sorted by item, then row
+    start = count.cumsum(0) - count
+    idx = torch.zeros(B, L, dtype=torch.long, device=C.device)
+    idx[item, torch.arange(len(row), device=C.device) - start[item]] = row
+    valid = torch.arange(L, device=C.device) < count.unsqueeze(-1)
+    screen = Screen(idx, valid, threshold)
+    if not bool((screen.kept_mass(a).sum(-1) > sum_b).all()):  # cannot happen at an exact optimum
+        return None
+    return screen
