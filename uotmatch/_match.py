@@ -372,7 +372,7 @@ def _background(x: Any, B: int, M: int, batched: bool, C: Tensor) -> Tensor:
         t = C.new_full((B, M), float(x))
     else:
         t = _per_item("background_cost", x, B, M, batched, C, "one cost per prediction")
-    if bool(torch.isnan(t).any()) or bool((t == -INF).any()):
+    if not bool((t > -INF).all()):  # False for NaN and -inf
         raise ValueError("background_cost must not contain NaN or -inf")
     return t
 
@@ -388,7 +388,7 @@ def _check_feasible(
 ):
     """Reject problems no plan can satisfy: a hard marginal with nowhere to go, or unequal mass.
     ``col_min`` None skips the columns' check (the screened solve has shown them feasible)."""
-    if tau1 == INF:
+    if tau1 == INF and not bool((row_min < INF).all()):
         stuck = (a > 0) & (row_min == INF)
         if bool(stuck.any()):
             item, row = (int(i) for i in torch.nonzero(stuck)[0])
