@@ -210,3 +210,19 @@ def test_screening_on_cuda_equals_cpu():
         gpu = uotmatch.match(cost.cuda(), 0.1, b=b.cuda(), background_cost=bg.cuda(), tol=1e-5)
     assert None not in calls
     torch.testing.assert_close(gpu.plan.cpu(), cpu.plan, atol=1e-4, rtol=0)
+
+
+def test_large_plans_come_zeroed_from_calloc(monkeypatch):
+    like = torch.ones(1, dtype=torch.float64)
+    monkeypatch.setattr(_screen, "CALLOC_BYTES", 0)
+    z = _screen.zeros(3, 4, 5, like=like)
+    assert z.dtype == torch.float64 and z.shape == (3, 4, 5) and not z.any()
+    z[1, 2, 3] = 7.0  # an ordinary writable tensor
+    assert float(z.sum()) == 7.0
+    cost, bg, a, b = detection_scene(2, 300, 4, seed=4)
+    with screening() as calls:
+        m = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)
+    monkeypatch.setattr(_screen, "CALLOC_BYTES", 2**60)
+    with screening():
+        ref = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)
+    assert calls[-1] is not None and torch.equal(m.plan, ref.plan)

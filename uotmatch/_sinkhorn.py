@@ -68,6 +68,9 @@ MIN_EPS_RATIO = 64.0
 #: costs about as much as a few dense iterations).
 COMPACT_MAX_FRACTION = 0.5
 COMPACT_AFTER = 8
+#: ... and for kernels of at least this many entries (below, finding the single-entry columns
+#: costs more than the iterations it saves).
+COMPACT_MIN_SIZE = 2**20
 #: Scaling iterations spent at each intermediate eps-scaling stage.
 STAGE_ITERS = 10
 #: Over-relaxation weight (1 = plain Sinkhorn); items whose error grows fall back to 1.
@@ -390,6 +393,7 @@ def sinkhorn(
         and math.isinf(tau2)
         and not translate
         and N > M
+        and B * M * N >= COMPACT_MIN_SIZE
         and not torch.is_grad_enabled()
     )
     if cost.is_cuda:
