@@ -212,13 +212,20 @@ def test_screening_on_cuda_equals_cpu():
     torch.testing.assert_close(gpu.plan.cpu(), cpu.plan, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("calloc_bytes", [0, 2**60])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_background_plan_rows(calloc_bytes, dtype, monkeypatch):
+    monkeypatch.setattr(_screen, "CALLOC_BYTES", calloc_bytes)
+    a = torch.tensor([[1.0, 0.0, 2.5]], dtype=dtype)
+    z = _screen.background_plan(a, 4)
+    expected = torch.tensor([[[0, 0, 0, 1.0], [0, 0, 0, 0], [0, 0, 0, 2.5]]], dtype=dtype)
+    assert z.dtype == dtype and torch.equal(z, expected)
+    z[0, 1, 1] = 7.0  # an ordinary writable tensor
+    assert float(z.sum()) == 10.5
+
+
 def test_large_plans_come_zeroed_from_calloc(monkeypatch):
-    like = torch.ones(1, dtype=torch.float64)
     monkeypatch.setattr(_screen, "CALLOC_BYTES", 0)
-    z = _screen.zeros(3, 4, 5, like=like)
-    assert z.dtype == torch.float64 and z.shape == (3, 4, 5) and not z.any()
-    z[1, 2, 3] = 7.0  # an ordinary writable tensor
-    assert float(z.sum()) == 7.0
     cost, bg, a, b = detection_scene(2, 300, 4, seed=4)
     with screening() as calls:
         m = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)

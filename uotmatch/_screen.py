@@ -91,20 +91,27 @@ def price_bound(D: Tensor, a: Tensor, b: Tensor, eps: float) -> Tensor:
     return eps * s.amax(-1)
 
 
-#: CPU buffers from this many bytes on are allocated zeroed by calloc (see :func:`zeros`): glibc's
-#: largest mmap threshold, above which every allocation is fresh pages anyway.
+#: CPU plans from this many bytes on are allocated zeroed by calloc (:func:`background_plan`):
+#: glibc's largest mmap threshold, above which every allocation is fresh pages anyway.
 CALLOC_BYTES = 2**25
 
 
-def zeros(*shape: int, like: Tensor) -> Tensor:
-    """``torch.zeros`` on ``like``'s device and dtype. A large CPU buffer comes from calloc
-    (through numpy): its fresh pages are zeroed by the kernel on first touch, which saves the
-    memset pass ``torch.zeros`` makes over them (a 60 MB float64 plan is written in ~6 ms
-    instead of ~16 ms on a 2-core CPU)."""
-    nbytes = math.prod(shape) * like.element_size()
-    if like.device.type != "cpu" or nbytes < CALLOC_BYTES or like.dtype not in _NUMPY:
-        return like.new_zeros(shape)
-    return torch.from_numpy(np.zeros(shape, dtype=_NUMPY[like.dtype]))
+def background_plan(a: Tensor, n_cols: int) -> Tensor:
+    """``[B, M, n_cols]``, every row ``[0, ..., 0, a_i]``, written in one pass.
+
+    A CPU plan from ``CALLOC_BYTES`` on comes zeroed from calloc (through numpy): its fresh pages
+    are zeroed by the kernel on first touch, which saves a memset pass over them (a 60 MB
+    float64 plan takes ~7 ms instead of ~15 ms on 2 cores); smaller ones are ``a * e_last``.
+    """
+    B, M = a.shape
+    nbytes = B * M * n_cols * a.element_size()
+    if a.device.type == "cpu" and nbytes >= CALLOC_BYTES and a.dtype in _NUMPY:
+        full = torch.from_numpy(np.zeros((B, M, n_cols), dtype=_NUMPY[a.dtype]))
+        full[..., -1] = a
+        return full
+    last = torch.zeros(n_cols, dtype=a.dtype, device=a.device)
+    last[-1] = 1
+    return a.unsqueeze(-1) * last
 
 
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
@@ -142,8 +149,7 @@ class Screen:
         """The full ``[B, M, N + 1]`` plan from the kept rows' ``[B, L, N + 1]``: an excluded
         row sends its whole mass ``a_i`` to ∅."""
         B, M = a.shape
-        full = zeros(B, M, plan.shape[-1], like=a)
-        full[..., -1] = a
+        full = background_plan(a, plan.shape[-1])
         full.view(B * M, -1).index_copy_(0, self._rows(M), plan[self.valid])
         return full
 
@@ -176,20 +182,27 @@ def screen(
     # |d_min| * finfo.eps), so a row is excluded only if its exact d_min clears them. Rows
     # without mass may be kept or sampled: they add nothing to the bound and solve to zero.
     d_min = row_min - bg  # -inf where C_i0 = +inf; NaN (never kept) if all are
-    bg64 = bg.double()
     # The sample: the rows below a quantile of d_min, estimated on a strided subsample (a full
-    # top-k over M rows costs more than the whole bound).
+    # top-k over M rows costs more than the whole bound). The rows below a 4x larger quantile
+    # are gathered once: the kept rows are usually among them.
     rows_needed = float((sum_b / sum_a).max()) * M  # at the mean row mass
     target = max(MIN_SAMPLE, SAMPLE_FACTOR * rows_needed)
     sub = d_min[:, :: max(1, M // SUBSAMPLE)]
+    inf = torch.full((B,), math.inf, dtype=d_min.dtype, device=d_min.device)
+
+    def quantile(rows: float) -> Tensor:  # [B], +inf past half the rows
+        if rows >= M / 2:
+            return inf
+        k = min(sub.shape[1], math.ceil(rows / M * sub.shape[1]))
+        return sub.kthvalue(k, dim=1).values
+
     while True:
-        if target < M / 2:
-            k = min(sub.shape[1], math.ceil(target / M * sub.shape[1]))
-            cut = sub.kthvalue(k, dim=1).values  # [B]
-        else:
-            cut = torch.full((B,), math.inf, dtype=d_min.dtype, device=d_min.device)
-        idx, valid = rows_where(d_min <= cut.unsqueeze(-1))  # [B, R]
-        bg_s = gather_rows(bg64, idx).unsqueeze(-1)
+        cut, cut_wide = quantile(target), quantile(4 * target)
+        wide, wide_valid = rows_where(d_min <= cut_wide.unsqueeze(-1))  # [B, W]
+        d_wide = torch.where(wide_valid, gather_rows(d_min, wide), math.inf)
+        local, valid = rows_where(d_wide <= cut.unsqueeze(-1))
+        idx = wide.gather(1, local)  # [B, R], R <= W
+        bg_s = gather_rows(bg, idx).double().unsqueeze(-1)
         # A row that cannot use the background (C_i0 = +inf) is kept whatever the bound and
         # left out of it (it only adds to the columns' supply): as if forbidden everywhere.
         D = torch.where(bg_s < math.inf, gather_rows(C, idx).double() - bg_s, math.inf)
@@ -203,10 +216,9 @@ def screen(
     cut_keep = (threshold + threshold.abs() * 4 * torch.finfo(d_min.dtype).eps).to(d_min.dtype)
     up = cut_keep.nextafter(cut_keep.new_tensor(math.inf))
     cut_keep = torch.where(cut_keep.double() < threshold, up, cut_keep)
-    if bool((cut_keep <= cut).all()):  # every kept row is in the sample
-        keep = valid & (gather_rows(d_min, idx) < cut_keep.unsqueeze(-1))
-        sub_idx, valid = rows_where(keep)
-        idx = idx.gather(1, sub_idx)
+    if bool((cut_keep <= cut_wide).all()):  # every kept row is among the gathered ones
+        local, valid = rows_where(d_wide < cut_keep.unsqueeze(-1))
+        idx = wide.gather(1, local)
     else:
         idx, valid = rows_where(d_min < cut_keep.unsqueeze(-1))  # +inf: every row
     L = idx.shape[1]
