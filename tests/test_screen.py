@@ -233,3 +233,21 @@ def test_large_plans_come_zeroed_from_calloc(monkeypatch):
     with screening():
         ref = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)
     assert calls[-1] is not None and torch.equal(m.plan, ref.plan)
+
+
+def test_rows_that_allow_nothing_and_carry_nothing_are_left_out_of_the_sample():
+    """A massless row forbidden everywhere (background included) has no d_min; the sample of
+    its item is then shorter than the others' and padded, and the padding must not count."""
+    cost, bg, a, b = detection_scene(2, 300, 4, seed=9, far=1e5)
+    cost[0, :40] = INF
+    bg[0, :40] = INF
+    a[0, :40] = 0.0
+    idx, valid = _screen.rows_where(torch.isfinite(cost.amin(-1) - bg))
+    assert idx.shape[1] == 300 and int(valid[0].sum()) == 260 and bool(valid[1].all())
+    with screening(None):
+        dense = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)
+    with screening() as calls:
+        screened = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)
+    assert calls[-1] is not None
+    torch.testing.assert_close(screened.plan, dense.plan, atol=1e-8, rtol=0)
+    assert not screened.plan[0, :40].any()

@@ -25,7 +25,7 @@ is increasing. Hence ``Delta* <= max_j F_j^{-1}(b_j)``. Summing over a sample of
 ``F_j``, so the bound computed on the rows with the smallest ``min_j D_ij`` stays valid; and with
 the rows sorted by ``-log W_i``, ``F_j(Delta) >= sigmoid(t) * (capacity of the rows with
 -log W_i <= Delta / eps - t)``, which gives ``F_j^{-1}(b_j)`` from one cumulative sum, for a few
-``t``. The bound is typically within a few eps of the true largest price.
+``t``. In our tests it is within a few eps of the true largest price, at worst about 12.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def screen(
     """
     B, M, N = C.shape
     sum_a, sum_b = a.sum(-1), b.sum(-1)
-    if N == 0 or not bool(((sum_a > sum_b) & (sum_b > 0)).all()):
+    if B == 0 or N == 0 or not bool(((sum_a > sum_b) & (sum_b > 0)).all()):
         return None  # no background mass (bound undefined) or nothing to screen for
     # d_min in the cost's dtype; the cut-offs below are raised by its rounding error (at most
     # |d_min| * finfo.eps), so a row is excluded only if its exact d_min clears them. Rows
@@ -200,7 +200,7 @@ def screen(
         cut, cut_wide = quantile(target), quantile(4 * target)
         wide, wide_valid = rows_where(d_min <= cut_wide.unsqueeze(-1))  # [B, W]
         d_wide = torch.where(wide_valid, gather_rows(d_min, wide), math.inf)
-        local, valid = rows_where(d_wide <= cut.unsqueeze(-1))
+        local, valid = rows_where(wide_valid & (d_wide <= cut.unsqueeze(-1)))  # not padding
         idx = wide.gather(1, local)  # [B, R], R <= W
         bg_s = gather_rows(bg, idx).double().unsqueeze(-1)
         # A row that cannot use the background (C_i0 = +inf) is kept whatever the bound and
