@@ -7,6 +7,7 @@ error < 1e-3 on every item; we run with ``tol=1e-3``.
 
     python benchmarks/bench_solver.py            # the workloads of the issue (a few minutes)
     python benchmarks/bench_solver.py --quick    # tiny sizes, a smoke run
+    python benchmarks/bench_solver.py --no-screen  # without background screening
 
 Workloads:
   OTA-like  [16, 20000, 20] + background, eps 0.1, balanced, k = 10 per ground truth
@@ -29,6 +30,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import uotmatch
+from uotmatch import _screen
 from uotmatch._sinkhorn import plan_error
 from uotmatch.detection import anchor_points
 
@@ -221,7 +223,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds per workload")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--no-screen", action="store_true", help="turn background screening off (for comparison)"
+    )
     args = p.parse_args(argv)
+    if args.no_screen:
+        _screen.MIN_ROWS = 2**62
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
