@@ -212,6 +212,20 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(plan, (C,))
 
 
+def test_gradcheck_through_the_background_cost_alone():
+    """The documented gradient inputs include ``background_cost``: a cost without grad and a
+    background cost with it still give a differentiable plan."""
+    g_ = torch.Generator().manual_seed(1)
+    C = torch.rand(5, 3, generator=g_, dtype=torch.float64)
+    bg = (torch.rand(5, generator=g_, dtype=torch.float64) * 0.5 + 0.2).requires_grad_()
+
+    def plan(bg):
+        return uotmatch.match(C, 0.2, background_cost=bg, tol=1e-14, max_iter=5000).plan
+
+    assert plan(bg).requires_grad
+    assert torch.autograd.gradcheck(plan, (bg,))
+
+
 def test_no_graph_without_requires_grad():
     m = uotmatch.match(torch.rand(4, 3), 0.1, background_cost=0.5)
     assert not m.plan.requires_grad and m.plan.grad_fn is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -224,7 +225,19 @@ def match(
     return _result(plan, converged, error, iterations, potentials, has_bg, kind, batched, out_dtype)
 
 
-def _result(plan, converged, error, iterations, potentials, has_bg, kind, batched, out_dtype):
+def _result(
+    plan: Tensor,
+    converged: Tensor,
+    error: Tensor,
+    iterations: Tensor,
+    potentials: Callable[[], tuple[Tensor, Tensor]],
+    has_bg: bool,
+    kind: str,
+    batched: bool,
+    out_dtype: torch.dtype,
+) -> Matching:
+    """Wrap batched result tensors into a :class:`Matching` in the caller's container."""
+
     def item(x: Tensor) -> Any:
         return to_container(x if batched else x[0], kind)
 
@@ -259,7 +272,16 @@ def _row_min(x: Tensor) -> Tensor:
     return x.squeeze(-1)
 
 
-def _solve_screened(screen, C, bg, a, b, eps, max_iter, tol):
+def _solve_screened(
+    screen: _screen.Screen,
+    C: Tensor,
+    bg: Tensor,
+    a: Tensor,
+    b: Tensor,
+    eps: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[Tensor, Callable[[], tuple[Tensor, Tensor]], Tensor, Tensor, Tensor]:
     """Solve the kept rows of a screened balanced problem (``b`` the real columns' masses) and
     put the full plan ``[B, M, N + 1]``, potentials and errors back together."""
     N = C.shape[2]
