@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import uotmatch
 from tests.reference import pot_plan
 from uotmatch import _screen
+from uotmatch._rows import candidate_rows, gather_rows
 from uotmatch._sinkhorn import plan_error
 
 INF = math.inf
@@ -82,8 +83,8 @@ def test_price_bound_bounds_the_optimal_prices(seed, eps, far, masses, keep):
     # Any sample of rows gives a valid bound (fewer rows only loosen it).
     g = torch.Generator().manual_seed(seed)
     rows = torch.rand(3, 150, generator=g).argsort(-1)[:, : int(150 * keep)]
-    D = _screen.gather_rows(cost, rows) - _screen.gather_rows(bg, rows).unsqueeze(-1)
-    bound = _screen.price_bound(D, _screen.gather_rows(a, rows), b, eps)
+    D = gather_rows(cost, rows) - gather_rows(bg, rows).unsqueeze(-1)
+    bound = _screen.price_bound(D, gather_rows(a, rows), b, eps)
     assert torch.all(truth <= bound + 1e-9), (truth, bound)
     if keep == 1.0:  # all rows can fill every ground truth: a finite bound
         assert torch.isfinite(bound).all()
@@ -242,7 +243,7 @@ def test_rows_that_allow_nothing_and_carry_nothing_are_left_out_of_the_sample():
     cost[0, :40] = INF
     bg[0, :40] = INF
     a[0, :40] = 0.0
-    idx, valid = _screen.rows_where(torch.isfinite(cost.amin(-1) - bg))
+    idx, valid = candidate_rows(torch.isfinite(cost.amin(-1) - bg))
     assert idx.shape[1] == 300 and int(valid[0].sum()) == 260 and bool(valid[1].all())
     with screening(None):
         dense = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)

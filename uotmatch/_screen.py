@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from uotmatch._rows import candidate_rows, gather_rows
+
 #: Screening is tried from this many rows (predictions) on; below, building the kernel is cheap.
 MIN_ROWS = 1024
 #: ... and used when at most this fraction of the rows are kept.
@@ -117,23 +119,16 @@ def background_plan(a: Tensor, n_cols: int) -> Tensor:
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """``x[b, idx[b, k]]``: rows ``[B, M, ...]`` -> ``[B, L, ...]`` for ``idx [B, L]``."""
-    B, M = x.shape[:2]
-    flat = (idx + M * torch.arange(B, device=idx.device).unsqueeze(1)).view(-1)
-    return x.reshape(B * M, *x.shape[2:]).index_select(0, flat).view(*idx.shape, *x.shape[2:])
-
-
 @dataclass
 class Screen:
     """The rows kept by screening and how to put the full solution back together."""
 
-    idx: Tensor  # [B, L] kept rows (padding past each item's count: row 0)
+    idx: Tensor  # [B, L] kept rows first (padding: the item's other rows)
     valid: Tensor  # [B, L] bool, False on padding
     threshold: Tensor  # [B]: rows with min_j D_ij >= this were excluded
 
     def gather(self, x: Tensor) -> Tensor:
-        """Rows ``[B, M, ...]`` -> ``[B, L, ...]`` (padding holds row 0)."""
+        """Rows ``[B, M, ...]`` -> ``[B, L, ...]`` (padding holds rows that were not kept)."""
         return gather_rows(x, self.idx)
 
     def kept_mass(self, a: Tensor) -> Tensor:
@@ -198,9 +193,9 @@ def screen(
 
     while True:
         cut, cut_wide = quantile(target), quantile(4 * target)
-        wide, wide_valid = rows_where(d_min <= cut_wide.unsqueeze(-1))  # [B, W]
+        wide, wide_valid = candidate_rows(d_min <= cut_wide.unsqueeze(-1))  # [B, W]
         d_wide = torch.where(wide_valid, gather_rows(d_min, wide), math.inf)
-        local, valid = rows_where(wide_valid & (d_wide <= cut.unsqueeze(-1)))  # not padding
+        local, valid = candidate_rows(wide_valid & (d_wide <= cut.unsqueeze(-1)))  # not padding
         idx = wide.gather(1, local)  # [B, R], R <= W
         bg_s = gather_rows(bg, idx).double().unsqueeze(-1)
         # A row that cannot use the background (C_i0 = +inf) is kept whatever the bound and
@@ -217,27 +212,13 @@ def screen(
     up = cut_keep.nextafter(cut_keep.new_tensor(math.inf))
     cut_keep = torch.where(cut_keep.double() < threshold, up, cut_keep)
     if bool((cut_keep <= cut_wide).all()):  # every kept row is among the gathered ones
-        local, valid = rows_where(d_wide < cut_keep.unsqueeze(-1))
+        local, valid = candidate_rows(d_wide < cut_keep.unsqueeze(-1))
         idx = wide.gather(1, local)
     else:
-        idx, valid = rows_where(d_min < cut_keep.unsqueeze(-1))  # +inf: every row
-    L = idx.shape[1]
-    if L > MAX_KEPT_FRACTION * M or L == 0:
+        idx, valid = candidate_rows(d_min < cut_keep.unsqueeze(-1))  # +inf: every row
+    if idx.shape[1] > MAX_KEPT_FRACTION * M:
         return None
     screen = Screen(idx, valid, threshold)
     if not bool((screen.kept_mass(a).sum(-1) > sum_b).all()):  # cannot happen at an exact optimum
         return None
     return screen
-
-
-def rows_where(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """The True rows of ``keep [B, M]`` as ``idx [B, L]`` (in order; padding row 0) and
-    ``valid [B, L]``, L the largest count."""
-    B = keep.shape[0]
-    count = keep.sum(-1)
-    L = int(count.max()) if B else 0
-    item, row = keep.nonzero().unbind(1)  # sorted by item, then row
-    start = count.cumsum(0) - count
-    idx = torch.zeros(B, L, dtype=torch.long, device=keep.device)
-    idx[item, torch.arange(len(row), device=keep.device) - start[item]] = row
-    return idx, torch.arange(L, device=keep.device) < count.unsqueeze(-1)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from uotmatch._rows import candidate_rows, gather_rows  # noqa: F401 (the assigners' imports)
 from uotmatch.detection.boxes import box_area, points_to_ltrb
 
 __all__ = ["AssignResult", "anchor_points"]
@@ -168,23 +169,6 @@ def bce_costs(prob: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     background = neg.sum(-1)
     swap = (pos - neg).gather(2, labels[:, None, :].expand(-1, p.shape[1], -1))
     return background[..., None] + swap, background
-
-
-def candidate_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of the anchors to keep, ``rows [B, A]`` True first (stable), padded to the batch's
-    largest count: ``idx [B, L]`` and ``real [B, L]`` (False on padding)."""
-    B, A = rows.shape
-    n = rows.sum(1)  # [B]
-    L = max(int(n.max()), 1) if B else 1
-    position = torch.where(rows, rows.cumsum(1) - 1, n[:, None] + (~rows).cumsum(1) - 1)
-    arange = torch.arange(A, device=rows.device).expand(B, A)
-    idx = torch.empty_like(position).scatter_(1, position, arange)[:, :L]
-    return idx, torch.arange(L, device=rows.device)[None] < n[:, None]
-
-
-def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """``[B, A, D]`` -> ``[B, L, D]`` at ``idx [B, L]``."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def scatter_rows(sub: Tensor, idx: Tensor, A: int, fill) -> Tensor:
