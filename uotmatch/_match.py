@@ -156,11 +156,12 @@ def match(
         real = torch.cat([real, real.new_ones(B, 1)], dim=-1)
     grad = C.requires_grad or a.requires_grad or b.requires_grad or (has_bg and bg.requires_grad)
 
+    _check_feasible(row_min, a, b, tau1, tau2)
     screen = None
     if eps > 0 and has_bg and tau1 == tau2 == INF and M >= _screen.MIN_ROWS and not grad:
         # Balanced with a background column: rows that can only go to the background leave the
-        # problem before any kernel is built (exact to the dtype's precision; see _screen).
-        _check_feasible(row_min, None, a, b, real, tau1, tau2)
+        # problem before any kernel is built (exact to the dtype's precision; see _screen). Its
+        # price bound is finite only if every ground truth with mass has a finite cost.
         screen = _screen.screen(C, real_min, bg, a, b_real, eps)
     if screen is not None:
         plan, potentials, error, iterations, converged = _solve_screened(
@@ -189,7 +190,7 @@ def match(
         col_min = C.new_full((B, n_cols), INF)
     else:
         col_min = work_cost.amin(-1) if transpose else work_cost.amin(-2)
-    _check_feasible(row_min, col_min, a, b, real, tau1, tau2)
+    _check_columns(col_min, b, real, tau2)
 
     if empty:  # nothing to transport: zero plan (feasibility was checked above)
         plan = full_cost.new_zeros(full_cost.shape)
@@ -407,17 +408,9 @@ def _background(x: Any, B: int, M: int, batched: bool, C: Tensor) -> Tensor:
     return t
 
 
-def _check_feasible(
-    row_min: Tensor,
-    col_min: Tensor | None,
-    a: Tensor,
-    b: Tensor,
-    real: Tensor,
-    tau1: float,
-    tau2: float,
-):
-    """Reject problems no plan can satisfy: a hard marginal with nowhere to go, or unequal mass.
-    ``col_min`` None skips the columns' check (the screened solve has shown them feasible)."""
+def _check_feasible(row_min: Tensor, a: Tensor, b: Tensor, tau1: float, tau2: float) -> None:
+    """Reject problems no plan can satisfy: a prediction with mass but nowhere to go under a
+    hard marginal, or unequal total masses (:func:`_check_columns` does the ground truths)."""
     if tau1 == INF and not bool((row_min < INF).all()):
         stuck = (a > 0) & (row_min == INF)
         if bool(stuck.any()):
@@ -426,15 +419,6 @@ def _check_feasible(
                 f"cost: item {item}, prediction {row} has mass but no finite-cost column (only "
                 "+inf, forbidden, or none), which tau1 = inf cannot allow; give it a finite cost, "
                 "a background column or a finite tau1"
-            )
-    if tau2 == INF and col_min is not None:
-        stuck = (b > 0) & real & (col_min == INF)
-        if bool(stuck.any()):
-            item, col = (int(i) for i in torch.nonzero(stuck)[0])
-            raise ValueError(
-                f"cost: item {item}, column {col} has mass but no finite-cost prediction (only "
-                "+inf, forbidden, or none), which tau2 = inf cannot allow; give it a finite "
-                "cost or use a finite tau2"
             )
     if tau1 == INF and tau2 == INF:
         sa, sb = a.sum(-1), b.sum(-1)
@@ -445,4 +429,17 @@ def _check_feasible(
                 f"tau1 = tau2 = inf needs equal total masses, but item {i} has sum(a) = "
                 f"{float(sa[i]):g} and sum(b) = {float(sb[i]):g}: infeasible. Add a background "
                 "column (background_cost=...) to absorb the difference, or use a finite tau."
+            )
+
+
+def _check_columns(col_min: Tensor, b: Tensor, real: Tensor, tau2: float) -> None:
+    """Reject a ground truth with mass but no finite-cost prediction under a hard marginal."""
+    if tau2 == INF:
+        stuck = (b > 0) & real & (col_min == INF)
+        if bool(stuck.any()):
+            item, col = (int(i) for i in torch.nonzero(stuck)[0])
+            raise ValueError(
+                f"cost: item {item}, column {col} has mass but no finite-cost prediction (only "
+                "+inf, forbidden, or none), which tau2 = inf cannot allow; give it a finite "
+                "cost or use a finite tau2"
             )
