@@ -154,7 +154,20 @@ def _pot_threshold(C, a, b, eps, tau1, tau2, target) -> float:
     return POT_THRESHOLDS[-1]
 
 
-def run(name, cost, background, b, eps, tau1, tau2, repeats, dtypes, rows, target=TARGET_ERROR):
+def run(
+    name,
+    cost,
+    background,
+    b,
+    eps,
+    tau1,
+    tau2,
+    repeats,
+    dtypes,
+    rows,
+    target=TARGET_ERROR,
+    warmup=WARMUP_ROUNDS,
+):
     """Time POT and ours on the same batch in alternating rounds (robust to machine drift):
     report each side's best time and the median of the per-round speed-ups."""
     B, M, N = cost.shape
@@ -192,14 +205,14 @@ def run(name, cost, background, b, eps, tau1, tau2, repeats, dtypes, rows, targe
         b_full = torch.cat([b, (M - bsum).clamp_min(0)], -1)
         our_error = _error(m.plan, m.f, m.g, a_full, b_full, tau1, tau2)
         t_us, t_torch, t_numpy, ratios = [], [], [], []
-        for i in range(WARMUP_ROUNDS + repeats):
+        for i in range(warmup + repeats):
             # Blocks of BLOCK runs, best of each: the first run after the other library pays
             # for its thread pools still spinning.
             t_us.append(_best_time(ours, BLOCK)[0])
             t_torch.append(_best_time(torch_pot[2], BLOCK)[0])
             t_numpy.append(_best_time(numpy_pot[2], BLOCK)[0])
             ratios.append(min(t_torch[-1], t_numpy[-1]) / t_us[-1])
-            if i < WARMUP_ROUNDS:  # not recorded: allocator and page warm-up on both sides
+            if i < warmup:  # not recorded: allocator and page warm-up on both sides
                 t_us, t_torch, t_numpy, ratios = [], [], [], []
         rows.append(
             (
@@ -232,24 +245,22 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
-    if args.quick:
-        global WARMUP_ROUNDS
-        WARMUP_ROUNDS = 0
+    warmup = 0 if args.quick else WARMUP_ROUNDS
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.float64]
     rows = []
     if args.quick:
         cost, bg, b = ota_workload(2, 128, 160, 4, 3)
     else:
         cost, bg, b = ota_workload(16, 800, 1333, 20, 10)
-    run("OTA-like", cost, bg, b, 0.1, INF, INF, repeats, dtypes, rows)
+    run("OTA-like", cost, bg, b, 0.1, INF, INF, repeats, dtypes, rows, warmup=warmup)
     if not args.quick:  # our default tol: where the closed-form single-entry columns pay off
-        run("OTA-like", cost, bg, b, 0.1, INF, INF, repeats, [torch.float32], rows, target=1e-5)
+        run("OTA-like", cost, bg, b, 0.1, INF, INF, repeats, [torch.float32], rows, 1e-5, warmup)
     B, Q, G = (4, 20, 6) if args.quick else (64, 100, 30)
     detr = detr_workload(B, Q, G)
     detr_bg = torch.full((B, Q), 0.5)
     ones = torch.ones(B, G)
     for taus in [(100.0, 1.0), (INF, INF)]:
-        run("DETR-like", detr, detr_bg, ones, 0.05, *taus, repeats, dtypes, rows)
+        run("DETR-like", detr, detr_bg, ones, 0.05, *taus, repeats, dtypes, rows, warmup=warmup)
 
     print(
         f"\nshape: OTA-like {tuple(cost.shape)} + background, DETR-like {tuple(detr.shape)} + "
