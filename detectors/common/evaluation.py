@@ -1,4 +1,8 @@
-"""COCO evaluation with pycocotools' ``COCOeval``: AP, AP50, AP75, APs/m/l, AR100."""
+"""COCO evaluation: AP, AP50, AP75, APs/m/l, AR100.
+
+faster-coco-eval (``COCOeval_faster``, the same numbers several times faster) when it is
+importable, pycocotools' ``COCOeval`` otherwise; both return the same 12 ``stats``.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +11,72 @@ import io
 import json
 from pathlib import Path
 
-__all__ = ["METRICS", "coco_evaluate", "format_table"]
+__all__ = ["BACKENDS", "METRICS", "coco_evaluate", "coco_stats", "format_table"]
 
 #: Names of the reported entries of ``COCOeval.stats`` (bbox), in order of their index.
 METRICS = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
 
 
-def coco_evaluate(
-    ann_file: str | Path, detections: list[dict], image_ids: list[int] | None = None
-) -> dict[str, float]:
-    """Evaluate COCO-format detections (``image_id``, ``category_id``, ``bbox`` as xywh,
-    ``score``) against an annotation file; returns ``METRICS`` as floats in [0, 1] (-1 where a
-    size range has no ground truth, as COCOeval)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+#: The evaluation libraries, in order of preference.
+BACKENDS = ("faster_coco_eval", "pycocotools")
 
+
+def _coco_classes(backend: str | None):
+    """``(COCO, COCOeval)`` of ``backend``, or of the first importable one when None."""
+    for name in BACKENDS if backend is None else (backend,):
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+        try:
+            if name == "faster_coco_eval":
+                from faster_coco_eval import COCO, COCOeval_faster
+
+                return COCO, COCOeval_faster
+            from pycocotools.coco import COCO
+            from pycocotools.cocoeval import COCOeval
+
+            return COCO, COCOeval
+        except ImportError:
+            if backend is not None:
+                raise
+    raise ImportError(
+        "COCO evaluation needs faster-coco-eval or pycocotools: pip install faster-coco-eval"
+    )
+
+
+def coco_stats(
+    ann_file: str | Path,
+    detections: list[dict],
+    image_ids: list[int] | None = None,
+    backend: str | None = None,
+) -> list[float]:
+    """The 12 ``COCOeval.stats`` (bbox) of COCO-format detections (``image_id``,
+    ``category_id``, ``bbox`` as xywh, ``score``) against an annotation file; all 0 without
+    detections. ``backend``: one of :data:`BACKENDS`, or None for the first importable."""
+    COCO, COCOeval = _coco_classes(backend)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
         ids = sorted(gt.getImgIds()) if image_ids is None else list(image_ids)
         if not detections:
-            return dict.fromkeys(METRICS, 0.0)
+            return [0.0] * 12
         dt = gt.loadRes(json.loads(json.dumps(detections)))  # plain Python numbers
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {name: float(ev.stats[i]) for name, i in METRICS.items()}
+    return [float(x) for x in ev.stats[:12]]
+
+
+def coco_evaluate(
+    ann_file: str | Path,
+    detections: list[dict],
+    image_ids: list[int] | None = None,
+    backend: str | None = None,
+) -> dict[str, float]:
+    """:func:`coco_stats` as ``METRICS``, floats in [0, 1] (-1 where a size range has no
+    ground truth, as COCOeval)."""
+    stats = coco_stats(ann_file, detections, image_ids, backend)
+    return {name: stats[i] for name, i in METRICS.items()}
 
 
 def format_table(metrics: dict[str, float], title: str = "COCO bbox") -> str:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
 
 from uotmatch.detection import (
     HungarianMatcher,
@@ -171,12 +172,8 @@ class SetCriterion(nn.Module):
         classes[b, q] = labels[b, g]
         if self.focal:
             onehot = F.one_hot(classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
-            p = logits.sigmoid()
-            ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-            p_t = p * onehot + (1 - p) * (1 - onehot)
-            alpha_t = FOCAL_ALPHA * onehot + (1 - FOCAL_ALPHA) * (1 - onehot)
-            loss = (alpha_t * (1 - p_t) ** FOCAL_GAMMA * ce).sum() / num_boxes
-            return {"loss_ce": loss}
+            loss = sigmoid_focal_loss(logits, onehot, FOCAL_ALPHA, FOCAL_GAMMA, reduction="sum")
+            return {"loss_ce": loss / num_boxes}
         loss = F.cross_entropy(logits.transpose(1, 2), classes, self.empty_weight)
         out = {"loss_ce": loss}
         if len(b):

@@ -1,4 +1,4 @@
-"""DETR (Carion et al., 2020) in plain PyTorch: ResNet, 1x1 projection, sine positions, a
+"""DETR (Carion et al., 2020): torchvision's ResNet, 1x1 projection, sine positions, a
 transformer encoder-decoder, a class head (K + 1, no-object last) and a box MLP (sigmoid cxcywh).
 
 The attention layers are ``torch.nn.MultiheadAttention`` arranged as DETR's: the positional

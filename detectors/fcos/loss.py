@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from uotmatch.detection import (
     AssignResult,
@@ -16,7 +17,6 @@ from uotmatch.detection import (
     OTAAssigner,
     SimOTAAssigner,
     UOTAssigner,
-    aligned_giou,
     aligned_iou,
 )
 
@@ -100,14 +100,15 @@ class FCOSLoss:
         logits = outputs["cls_logits"].float()
         target = torch.zeros_like(logits)
         target[fg, result.labels[fg]] = 1.0
-        p = logits.sigmoid()
-        ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        p_t = p * target + (1 - p) * (1 - target)
-        alpha_t = self.focal_alpha * target + (1 - self.focal_alpha) * (1 - target)
-        loss_cls = (alpha_t * (1 - p_t) ** self.focal_gamma * ce).sum() / n
+        loss_cls = (
+            sigmoid_focal_loss(
+                logits, target, self.focal_alpha, self.focal_gamma, reduction="sum"
+            )
+            / n
+        )
         pred = outputs["boxes"][fg].float()
         gt = result.boxes[fg]
-        loss_box = self.giou_weight * (1 - aligned_giou(pred, gt)).sum() / n
+        loss_box = self.giou_weight * generalized_box_iou_loss(pred, gt, reduction="sum") / n
         iou_target = aligned_iou(pred.detach(), gt)
         loss_iou = (
             self.iou_weight

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import FeaturePyramidNetwork, batched_nms
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from detectors.common.backbone import ResNet
-from detectors.common.fpn import FPN, batched_nms
 from uotmatch.detection.boxes import ltrb_to_boxes
 
 __all__ = ["FCOS", "FCOSHead", "feature_points"]
@@ -78,8 +80,19 @@ class FCOSHead(nn.Module):
         return torch.cat(cls, 1), torch.cat(box, 1), torch.cat(iou, 1)
 
 
+#: Key prefixes of checkpoints written before the FPN was torchvision's (our own FPN module):
+#: old -> new. Such checkpoints load unchanged (see :meth:`FCOS._load_from_state_dict`).
+LEGACY_FPN_KEYS = (
+    ("fpn.lateral.{i}.", "fpn.inner_blocks.{i}.0."),
+    ("fpn.output.{i}.", "fpn.layer_blocks.{i}.0."),
+    ("fpn.p6.", "fpn.extra_blocks.p6."),
+    ("fpn.p7.", "fpn.extra_blocks.p7."),
+)
+
+
 class FCOS(nn.Module):
-    """Backbone + FPN + head. ``forward(images)`` returns the raw outputs and the points."""
+    """Backbone + FPN (torchvision's, P3-P5 from C3-C5, P6 and P7 from P5 as FCOS) + head.
+    ``forward(images)`` returns the raw outputs and the points."""
 
     def __init__(
         self, num_classes: int, backbone: ResNet, channels: int = 256, head_depth: int = 4
@@ -87,11 +100,25 @@ class FCOS(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.backbone = backbone
-        self.fpn = FPN(backbone.out_channels, channels)
+        self.fpn = FeaturePyramidNetwork(
+            list(backbone.out_channels), channels, extra_blocks=LastLevelP6P7(channels, channels)
+        )
         self.head = FCOSHead(channels, num_classes, head_depth)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints from before the torchvision FPN (keys ``fpn.lateral.0.weight``, ...) are
+        renamed to torchvision's layout: same tensors, same parameter order."""
+        for old, new in LEGACY_FPN_KEYS:
+            for i in range(len(self.backbone.out_channels)) if "{i}" in old else [None]:
+                o, n = prefix + old.format(i=i), prefix + new.format(i=i)
+                for suffix in ("weight", "bias"):
+                    if o + suffix in state_dict:
+                        state_dict[n + suffix] = state_dict.pop(o + suffix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        features = self.fpn(self.backbone(images))
+        c = self.backbone(images)
+        features = list(self.fpn(OrderedDict((str(i), x) for i, x in enumerate(c))).values())
         cls, ltrb, iou = self.head(features)
         points, strides = feature_points([f.shape[-2:] for f in features], device=images.device)
         return {

@@ -2,7 +2,9 @@
 
 import json
 
-from detectors.common.evaluation import METRICS, coco_evaluate, format_table
+import pytest
+
+from detectors.common.evaluation import METRICS, coco_evaluate, coco_stats, format_table
 from detectors.data import colorboxes
 
 
@@ -27,3 +29,40 @@ def test_ground_truth_scores_one(tmp_path):
     assert coco_evaluate(files["val"], [])["AP"] == 0.0
     table = format_table(m)
     assert "| COCO bbox | AP | AP50 |" in table and "100.0" in table
+
+
+def test_faster_coco_eval_and_pycocotools_agree(tmp_path):
+    """Both backends give the same 12 stats on imperfect detections: jittered boxes, random
+    scores, wrong classes and false positives, over images of every size range."""
+    import random
+
+    files = colorboxes.generate(tmp_path, train=0, val=12, size=256, seed=3, progress=False)
+    data = json.loads(files["val"].read_text())
+    rng = random.Random(0)
+    cats = [c["id"] for c in data["categories"]]
+    dets = []
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        for _ in range(2):
+            jitter = [rng.uniform(-0.2, 0.2) * s for s in (w, h, w, h)]
+            box = [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]]
+            label = a["category_id"] if rng.random() < 0.8 else rng.choice(cats)
+            dets.append({**a, "bbox": box, "category_id": label, "score": rng.random()})
+    for img in data["images"]:
+        for _ in range(3):
+            box = [rng.uniform(0, 200), rng.uniform(0, 200), rng.uniform(2, 50), rng.uniform(2, 50)]
+            dets.append(
+                {
+                    "image_id": img["id"],
+                    "category_id": rng.choice(cats),
+                    "bbox": box,
+                    "score": rng.random(),
+                }
+            )
+    fast = coco_stats(files["val"], dets, backend="faster_coco_eval")
+    slow = coco_stats(files["val"], dets, backend="pycocotools")
+    assert len(fast) == len(slow) == 12
+    assert 0.05 < fast[0] < 0.95  # a non-trivial AP
+    assert fast == pytest.approx(slow, abs=1e-12)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        coco_stats(files["val"], dets, backend="detectron2")

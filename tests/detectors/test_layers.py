@@ -1,11 +1,13 @@
-"""Backbone (torchvision layout, loading), FPN shapes, NMS against a brute-force reference."""
+"""Backbone (torchvision's, loading its checkpoints), FPN levels, legacy checkpoints."""
+
+import re
 
 import pytest
 import torch
+import torchvision
 
 from detectors.common.backbone import ResNet, build_resnet, load_backbone_weights
-from detectors.common.fpn import FPN, batched_nms
-from uotmatch.detection import box_iou
+from detectors.fcos.model import FCOS
 
 # torchvision resnet18's first and last keys and shapes (from its state_dict)
 TORCHVISION_R18 = {
@@ -32,21 +34,30 @@ def test_torchvision_state_dict_layout(depth, keys):
     assert not any(k.startswith("fc.") for k in state)
 
 
-def test_load_torchvision_checkpoint(tmp_path):
-    """A torchvision-style checkpoint (regular BN with num_batches_tracked, an fc head) loads."""
-    src = ResNet(18)
-    state = {
-        k: torch.randn_like(v) if v.is_floating_point() else v for k, v in src.state_dict().items()
-    }
-    for k in list(state):
-        if k.endswith("running_var"):
-            state[k] = state[k].abs() + 0.5
-            state[k.replace("running_var", "num_batches_tracked")] = torch.tensor(7)
-    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
-    path = tmp_path / "resnet18.pth"
-    torch.save(state, path)
-    model = build_resnet(18, weights=path)
-    torch.testing.assert_close(model.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+@pytest.mark.parametrize("depth", [18, 50])
+def test_load_a_state_dict_saved_from_torchvision(tmp_path, depth):
+    """A checkpoint saved from torchvision's own model (regular BatchNorm with
+    num_batches_tracked, an fc head) loads, and the backbone then computes torchvision's
+    features (its BatchNorm in eval mode is the frozen one)."""
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, f"resnet{depth}")(weights=None).eval()
+    for m in reference.modules():  # non-trivial statistics, so a wrong mapping shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.1, 0.1)
+    path = tmp_path / f"resnet{depth}.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_resnet(depth, weights=path).eval().double()
+    reference.double()  # float64: the two batch-norm formulas round differently in float32
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        ref = reference.layer2(reference.layer1(ref))
+        c5 = reference.layer4(reference.layer3(ref))
+        torch.testing.assert_close(model(x)[-1], c5)
+
+
+def test_load_errors(tmp_path):
     torch.save({"layer1.0.conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="bad.pth does not fit a ResNet-18: .*size mismatch"):
         load_backbone_weights(ResNet(18), tmp_path / "bad.pth")
@@ -55,6 +66,9 @@ def test_load_torchvision_checkpoint(tmp_path):
         load_backbone_weights(ResNet(18), tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="does not exist"):
         load_backbone_weights(ResNet(18), tmp_path / "nope.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load .*junk.pth"):
+        load_backbone_weights(ResNet(18), tmp_path / "junk.pth")
 
 
 def test_frozen_stages_and_outputs():
@@ -73,33 +87,32 @@ def test_frozen_stages_and_outputs():
 
 
 def test_fpn_levels():
-    feats = ResNet(18)(torch.randn(1, 3, 128, 160))
-    outs = FPN((128, 256, 512), channels=32)(feats)
-    assert [tuple(o.shape[-2:]) for o in outs] == [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
-    assert all(o.shape[1] == 32 for o in outs)
+    model = FCOS(3, ResNet(18), channels=32, head_depth=1)
+    out = model(torch.randn(1, 3, 128, 160))
+    # P3-P7 of a 128 x 160 input: strides 8 to 128, sizes ceil(128 / s) x ceil(160 / s)
+    sizes = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    assert out["points"].shape[0] == sum(h * w for h, w in sizes)
+    assert out["strides"].unique().tolist() == [8.0, 16.0, 32.0, 64.0, 128.0]
 
 
-def _brute_force_nms(boxes, scores, classes, thr):
-    order = sorted(range(len(boxes)), key=lambda i: -float(scores[i]))
-    keep = []
-    for i in order:
-        if all(
-            not (classes[i] == classes[j] and box_iou(boxes[i : i + 1], boxes[j : j + 1]) > thr)
-            for j in keep
-        ):
-            keep.append(i)
-    return keep
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_nms_equals_brute_force(seed):
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(60, 2, generator=g) * 50
-    boxes = torch.cat([xy, xy + torch.rand(60, 2, generator=g) * 30 + 2], 1)
-    scores = torch.rand(60, generator=g)
-    classes = torch.randint(3, (60,), generator=g)
-    for thr in (0.3, 0.6):
-        assert batched_nms(boxes, scores, classes, thr).tolist() == _brute_force_nms(
-            boxes, scores, classes, thr
-        )
-    assert batched_nms(boxes[:0], scores[:0], classes[:0], 0.5).numel() == 0
+def test_checkpoints_of_the_previous_fpn_still_load():
+    """Checkpoints written before the FPN was torchvision's (keys fpn.lateral.*, fpn.output.*,
+    fpn.p6, fpn.p7) load into the same tensors."""
+    model = FCOS(3, ResNet(18), channels=32, head_depth=1)
+    state = model.state_dict()
+    # the previous FPN's layout: lateral.{i}, output.{i}, p6, p7 (weight and bias each)
+    renames = [
+        (r"^fpn\.inner_blocks\.(\d)\.0\.", r"fpn.lateral.\1."),
+        (r"^fpn\.layer_blocks\.(\d)\.0\.", r"fpn.output.\1."),
+        (r"^fpn\.extra_blocks\.", "fpn."),
+    ]
+    legacy = {}
+    for key, v in state.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        legacy[key] = v
+    assert "fpn.lateral.0.weight" in legacy and "fpn.p7.bias" in legacy
+    fresh = FCOS(3, ResNet(18), channels=32, head_depth=1)
+    fresh.load_state_dict(legacy)
+    for key, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, state[key], msg=key)

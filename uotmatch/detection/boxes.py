@@ -1,4 +1,4 @@
-"""Box operations in plain torch (torchvision is not importable with every torch build).
+"""Box operations in plain torch: the core library needs only torch, not torchvision.
 
 Boxes are ``xyxy`` (x1, y1, x2, y2) unless a name says ``cxcywh``; pairwise functions broadcast
 over leading batch dimensions: ``[..., M, 4]`` x ``[..., N, 4]`` -> ``[..., M, N]``. Degenerate
