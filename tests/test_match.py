@@ -105,7 +105,7 @@ def test_padded_batch_equals_per_item(problem, extra, seed):
         tau2,
         a=torch.tensor(a),
         b=torch.tensor(bb),
-        mask=torch.tensor(mask),
+        gt_mask=torch.tensor(mask),
         background_cost=None if bgb is None else torch.tensor(bgb) if np.ndim(bgb) else bgb,
         **kw,
     )

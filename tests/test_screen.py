@@ -3,7 +3,6 @@ balanced problem before the kernel is built. The plan must be the dense solve's,
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -40,21 +39,17 @@ def detection_scene(B, M, N, seed, near=0.1, far=1e5, masses=False, dtype=torch.
     return cost, bg, a, b
 
 
-@contextlib.contextmanager
-def screening(min_rows=16):
-    """Screen from ``min_rows`` rows on (``None``: never) and record what every screening call
-    returned (``None``: it declined)."""
-    calls, real, saved = [], _screen.screen, _screen.MIN_ROWS
+@pytest.fixture
+def calls(monkeypatch):
+    """What every screening call returned (``None``: it declined)."""
+    out, real = [], _screen.screen
 
     def record(*args, **kwargs):
-        calls.append(real(*args, **kwargs))
-        return calls[-1]
+        out.append(real(*args, **kwargs))
+        return out[-1]
 
-    _screen.screen, _screen.MIN_ROWS = record, 10**9 if min_rows is None else min_rows
-    try:
-        yield calls
-    finally:
-        _screen.screen, _screen.MIN_ROWS = real, saved
+    monkeypatch.setattr(_screen, "screen", record)
+    return out
 
 
 def solve(cost, bg, a, b, eps, **kw):
@@ -117,13 +112,14 @@ def test_screened_solve_equals_the_dense_solve(seed, eps, far, masses, holes):
         bg[0, 3] = INF
         cost[1, 5] = INF
         a[2, 7] = 0.0
-    kw = dict(mask=mask, tol=1e-11, max_iter=20_000)
-    with screening(None):
-        dense = solve(cost, bg, a, b, eps, **kw)
-    with screening() as calls:
-        screened = solve(cost, bg, a, b, eps, **kw)
+    kw = dict(gt_mask=mask, tol=1e-11, max_iter=20_000)
+    dense = solve(cost, bg, a, b, eps, screen=False, **kw)
+    screened = solve(cost, bg, a, b, eps, screen=True, **kw)
     if far == 1e5:  # penalty rows are certain background (with far = 3 or 8, per eps)
-        assert calls[-1] is not None and calls[-1].idx.shape[1] < M / 2
+        found = _screen.screen(
+            cost, cost.amin(-1), bg, a, torch.where(mask, b, 0) if mask is not None else b, eps
+        )
+        assert found is not None and found.idx.shape[1] < M / 2
     assert bool(dense.converged.all()) and bool(screened.converged.all())
     torch.testing.assert_close(screened.plan, dense.plan, atol=1e-8, rtol=0)
 
@@ -138,21 +134,19 @@ def test_screened_solve_equals_the_dense_solve(seed, eps, far, masses, holes):
     assert torch.equal(screened.assignment(), dense.assignment())
 
 
-def test_screened_plan_matches_pot():
+def test_screened_plan_matches_pot(calls):
     cost, bg, a, b = detection_scene(2, 300, 4, seed=3, far=10.0)
-    with screening() as calls:
-        m = solve(cost, bg, a, b, 0.1, tol=1e-12, max_iter=20_000)
+    m = solve(cost, bg, a, b, 0.1, tol=1e-12, max_iter=20_000, screen=True)
     assert calls[-1] is not None
     for i in range(2):
         ref = pot_plan(cost[i].numpy(), a[i].numpy(), b[i].numpy(), 0.1, INF, INF, bg[i].numpy())
         np.testing.assert_allclose(m.plan[i].numpy(), ref, atol=1e-9, rtol=0)
 
 
-def test_excluded_rows_go_to_the_background_and_satisfy_the_fixed_point():
+def test_excluded_rows_go_to_the_background_and_satisfy_the_fixed_point(calls):
     cost, bg, a, b = detection_scene(2, 500, 5, seed=7, masses=True)
     eps = 0.1
-    with screening() as calls:
-        m = solve(cost, bg, a, b, eps, tol=1e-12, max_iter=20_000)
+    m = solve(cost, bg, a, b, eps, tol=1e-12, max_iter=20_000, screen=True)
     screen = calls[-1]
     kept = torch.zeros(2, 500, dtype=torch.bool)
     kept[
@@ -168,10 +162,9 @@ def test_excluded_rows_go_to_the_background_and_satisfy_the_fixed_point():
     torch.testing.assert_close(m.f, f, atol=1e-9, rtol=0)
 
 
-def test_reported_error_is_the_full_plans_error():
+def test_reported_error_is_the_full_plans_error(calls):
     cost, bg, a, b = detection_scene(4, 2000, 8, seed=11, dtype=torch.float32)
-    with screening(_screen.MIN_ROWS) as calls:  # the default threshold
-        m = uotmatch.match(cost, 0.1, b=b, background_cost=bg, tol=1e-3)
+    m = uotmatch.match(cost, 0.1, b=b, background_cost=bg, tol=1e-3)  # screened by default
     assert calls[-1] is not None and calls[-1].idx.shape[1] < 400
     b_full = torch.cat([b, (a.sum(-1) - b.sum(-1)).unsqueeze(-1)], -1)
     err = plan_error(
@@ -181,34 +174,51 @@ def test_reported_error_is_the_full_plans_error():
     assert float(m.marginal_error.max()) <= 1e-3
 
 
-def test_screening_declines_without_background_mass_or_with_gradients():
-    cost, bg, a, b = detection_scene(1, 200, 4, seed=5)
-    b = torch.full((1, 4), 50.0, dtype=torch.float64)  # sum b = sum a: nothing for ∅
-    with screening() as calls:
-        m = solve(cost, bg, a, b, 0.5, tol=1e-9, max_iter=20_000)
-        assert calls == [None] and bool(m.converged.all())
-        cost = cost.clone().requires_grad_()
-        b = torch.full((1, 4), 3.0, dtype=torch.float64)
-        m = solve(cost, bg, a, b, 0.5, tol=1e-6)
-        assert calls == [None]  # the differentiable solve is the dense one
+def test_screening_declines_without_background_mass_or_with_gradients(calls):
+    cost, bg, a, b = detection_scene(1, 2000, 4, seed=5)
+    b = torch.full((1, 4), 500.0, dtype=torch.float64)  # sum b = sum a: nothing for ∅
+    m = solve(cost, bg, a, b, 0.5, tol=1e-9, max_iter=20_000, screen=True)
+    assert calls == [None] and bool(m.converged.all())
+    cost = cost.clone().requires_grad_()
+    b = torch.full((1, 4), 3.0, dtype=torch.float64)
+    m = solve(cost, bg, a, b, 0.5, tol=1e-6)  # 2000 rows: screened if it were not for grad
+    assert calls == [None]  # the differentiable solve is the dense one
     m.plan[..., 0].sum().backward()
     assert cost.grad is not None
+    with pytest.raises(ValueError, match="screen=True cannot apply: gradients are needed"):
+        solve(cost, bg, a, b, 0.5, screen=True)
 
 
 def test_infeasible_column_still_raises_on_screened_sizes():
     cost, bg, a, b = detection_scene(1, 300, 4, seed=2)
     cost[0, :, 2] = INF  # a ground truth with mass that no prediction may take
-    with screening(), pytest.raises(ValueError, match="column 2 has mass but no finite-cost"):
-        solve(cost, bg, a, b, 0.1)
+    with pytest.raises(ValueError, match="column 2 has mass but no finite-cost"):
+        solve(cost, bg, a, b, 0.1, screen=True)
 
 
-def test_screening_on_cuda_equals_cpu():
+def test_screen_and_compact_true_are_refused_where_they_cannot_apply():
+    cost, bg, a, b = detection_scene(1, 50, 4, seed=2)
+    with pytest.raises(ValueError, match="screen=True cannot apply: it needs tau1 = tau2 = inf"):
+        uotmatch.match(cost, 0.1, 1.0, INF, background_cost=bg, screen=True)
+    with pytest.raises(ValueError, match="screen=True cannot apply: it needs a background"):
+        uotmatch.match(cost, 0.1, b=torch.full((4,), 12.5), screen=True)
+    with pytest.raises(ValueError, match="screen=True cannot apply: eps = 0"):
+        uotmatch.match(cost, 0.0, background_cost=bg, screen=True)
+    with pytest.raises(ValueError, match="compact=True cannot apply: it needs tau1 = inf on"):
+        uotmatch.match(cost, 0.1, 0.5, INF, background_cost=bg, compact=True)
+    with pytest.raises(ValueError, match="compact=True cannot apply: .* other tau inf or 0"):
+        uotmatch.match(cost, 0.1, INF, 0.5, background_cost=bg, compact=True)
+    uotmatch.match(cost, 0.1, INF, 0.0, background_cost=bg, compact=True)  # applies
+    with pytest.raises(ValueError, match="screen must be True or False"):
+        uotmatch.match(cost, 0.1, background_cost=bg, screen="yes")
+
+
+def test_screening_on_cuda_equals_cpu(calls):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     cost, bg, a, b = detection_scene(3, 3000, 10, seed=1, dtype=torch.float32)
-    with screening(_screen.MIN_ROWS) as calls:
-        cpu = uotmatch.match(cost, 0.1, b=b, background_cost=bg, tol=1e-5)
-        gpu = uotmatch.match(cost.cuda(), 0.1, b=b.cuda(), background_cost=bg.cuda(), tol=1e-5)
+    cpu = uotmatch.match(cost, 0.1, b=b, background_cost=bg, tol=1e-5)
+    gpu = uotmatch.match(cost.cuda(), 0.1, b=b.cuda(), background_cost=bg.cuda(), tol=1e-5)
     assert None not in calls
     torch.testing.assert_close(gpu.plan.cpu(), cpu.plan, atol=1e-4, rtol=0)
 
@@ -225,18 +235,16 @@ def test_background_plan_rows(calloc_bytes, dtype, monkeypatch):
     assert float(z.sum()) == 10.5
 
 
-def test_large_plans_come_zeroed_from_calloc(monkeypatch):
+def test_large_plans_come_zeroed_from_calloc(monkeypatch, calls):
     monkeypatch.setattr(_screen, "CALLOC_BYTES", 0)
     cost, bg, a, b = detection_scene(2, 300, 4, seed=4)
-    with screening() as calls:
-        m = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)
+    m = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000, screen=True)
     monkeypatch.setattr(_screen, "CALLOC_BYTES", 2**60)
-    with screening():
-        ref = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)
+    ref = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000, screen=True)
     assert calls[-1] is not None and torch.equal(m.plan, ref.plan)
 
 
-def test_rows_that_allow_nothing_and_carry_nothing_are_left_out_of_the_sample():
+def test_rows_that_allow_nothing_and_carry_nothing_are_left_out_of_the_sample(calls):
     """A massless row forbidden everywhere (background included) has no d_min; the sample of
     its item is then shorter than the others' and padded, and the padding must not count."""
     cost, bg, a, b = detection_scene(2, 300, 4, seed=9, far=1e5)
@@ -245,10 +253,8 @@ def test_rows_that_allow_nothing_and_carry_nothing_are_left_out_of_the_sample():
     a[0, :40] = 0.0
     idx, valid = candidate_rows(torch.isfinite(cost.amin(-1) - bg))
     assert idx.shape[1] == 300 and int(valid[0].sum()) == 260 and bool(valid[1].all())
-    with screening(None):
-        dense = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)
-    with screening() as calls:
-        screened = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000)
+    dense = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000, screen=False)
+    screened = solve(cost, bg, a, b, 0.1, tol=1e-10, max_iter=20_000, screen=True)
     assert calls[-1] is not None
     torch.testing.assert_close(screened.plan, dense.plan, atol=1e-8, rtol=0)
     assert not screened.plan[0, :40].any()

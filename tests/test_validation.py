@@ -33,14 +33,14 @@ C = torch.rand(4, 3)
         (dict(a=-torch.ones(4), tau1=1.0, tau2=1.0), "a must be finite and >= 0"),
         (dict(b=torch.ones(2)), r"b must be \[3\] \(one mass per ground truth\)"),
         (dict(b=torch.tensor([1.0, float("nan"), 1.0]), tau2=1.0), "b must be finite and >= 0"),
-        (dict(mask=torch.ones(3)), "mask must be a bool tensor/array"),
-        (dict(mask=torch.ones(4, dtype=torch.bool)), r"mask must be \[3\]"),
+        (dict(gt_mask=torch.ones(3)), "mask must be a bool tensor/array"),
+        (dict(gt_mask=torch.ones(4, dtype=torch.bool)), r"mask must be \[3\]"),
         (dict(background_cost=torch.ones(3)), r"background_cost must be \[4\]"),
         (dict(background_cost=float("nan")), "background_cost must not contain NaN"),
         (dict(max_iter=0), "max_iter must be an integer >= 1"),
         (dict(max_iter=2.5), "max_iter must be an integer >= 1"),
         (dict(tol=0.0), "tol must be > 0"),
-        (dict(tol=-1.0), "tol must be >= 0"),
+        (dict(tol=-1.0), "tol must be > 0"),
     ],
 )
 def test_bad_input(kwargs, message):
@@ -54,7 +54,8 @@ def test_batched_shapes_must_agree():
     with pytest.raises(ValueError, match=r"a must be \[4\] or \[2, 4\]"):
         uotmatch.match(torch.rand(2, 4, 3), 0.1, 1.0, 1.0, a=torch.ones(3, 4))
     with pytest.raises(ValueError, match=r"mask must be \[3\] or \[2, 3\]"):
-        uotmatch.match(torch.rand(2, 4, 3), 0.1, 1.0, 1.0, mask=torch.ones(1, 3, dtype=torch.bool))
+        mask = torch.ones(1, 3, dtype=torch.bool)
+        uotmatch.match(torch.rand(2, 4, 3), 0.1, 1.0, 1.0, gt_mask=mask)
     with pytest.raises(ValueError, match=r"a must be \[4\] \("):  # unbatched cost, batched mass
         uotmatch.match(torch.rand(4, 3), 0.1, 1.0, 1.0, a=torch.ones(2, 4))
 
@@ -89,7 +90,7 @@ def test_numpy_mask_and_lists_accepted():
         0.1,
         1.0,
         1.0,
-        mask=np.array([True, False, True]),
+        gt_mask=np.array([True, False, True]),
         a=[1.0, 1.0, 2.0, 1.0],
         background_cost=[0.5] * 4,
     )

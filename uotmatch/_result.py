@@ -1,19 +1,33 @@
-"""The one result type of :func:`uotmatch.match`."""
+"""The one result type of :func:`uotmatch.match` (and of the DETR matchers' ``solve``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Matching"]
+__all__ = ["STATUSES", "Array", "Matching"]
+
+#: What ``Matching.status`` says of an item.
+STATUSES = {
+    "converged": "the marginal error reached tol",
+    "max_iter": "max_iter iterations ran out before the marginal error reached tol (near-tied "
+    "alternatives at an eps far below their cost gaps converge slowly: raise max_iter or eps, "
+    "or use a finite tau)",
+    "precision": "eps is below what the dtype resolves at these costs: the iterations cannot "
+    "reach tol (scale the costs down or raise eps)",
+}
+
+#: An array in the caller's container: a torch tensor, a numpy array or nested lists.
+Array = Tensor | np.ndarray | list
+
+Potentials = Callable[[], tuple[Tensor, Tensor]]
 
 
-def to_container(x: Tensor, kind: str, dtype: torch.dtype | None = None) -> Any:
+def to_container(x: Tensor, kind: str, dtype: torch.dtype | None = None) -> Array:
     """Convert a result tensor back to the caller's container (``torch``, ``numpy``, ``list``)."""
     if dtype is not None:
         x = x.to(dtype)
@@ -25,7 +39,6 @@ def to_container(x: Tensor, kind: str, dtype: torch.dtype | None = None) -> Any:
     return x.tolist()
 
 
-@dataclass(frozen=True, eq=False)
 class Matching:
     """Solution of one (batched) entropic unbalanced OT matching problem.
 
@@ -34,38 +47,72 @@ class Matching:
     Array fields come back in the caller's container (torch tensor on the cost's device, numpy
     array, or nested lists); ``plan`` also in the cost's dtype.
 
-    Attributes:
-        plan: ``[B, M, N(+1)]`` transport plan; row i is how prediction i's mass is split.
-        converged: ``[B]`` bool, whether ``marginal_error <= tol`` for that item.
-        marginal_error: ``[B]`` relative L1 violation of the marginal optimality conditions,
-            the fraction of the prescribed mass misplaced: ``||P 1 - a exp(-f / tau1)||_1 /
-            ||a||_1`` and the same for the columns, whichever is larger (with ``tau = inf`` the
-            plain ``||P 1 - a||_1 / sum a``; a ``tau = 0`` side has no condition). This is OTT's
-            default error for probability masses. 0 for the exact eps = 0 limits.
-        iterations: ``[B]`` scaling iterations used by that item (0 at eps = 0).
-        has_background: whether the last column of ``plan`` is the background ∅.
+    The marginal error is the fraction of the mass misplaced: ``||P 1 - a exp(-f / tau1)||_1 /
+    max(||a||_1, ||a exp(-f / tau1)||_1)`` and the same for the columns, whichever is larger
+    (with ``tau = inf`` the plain ``||P 1 - a||_1 / sum a``, OTT's default error for probability
+    masses; a ``tau = 0`` side has no condition); 0 for the exact eps = 0 limits. ``status`` is
+    a list of B strings, or one string for an unbatched call.
     """
 
-    plan: Any
-    converged: Any
-    marginal_error: Any
-    iterations: Any
-    has_background: bool
-    _plan: Tensor = field(repr=False)  # [B, M, N(+1)] float, on the cost's device
-    _converged: Tensor = field(repr=False)  # [B] bool
-    _potentials: Callable[[], tuple[Tensor, Tensor]] = field(repr=False)
-    _kind: str = field(repr=False)
-    _batched: bool = field(repr=False)
-
-    @cached_property
-    def _fg(self) -> tuple[Any, Any]:
-        f, g = self._potentials()
-        if not self._batched:
-            f, g = f[0], g[0]
-        return to_container(f, self._kind), to_container(g, self._kind)
+    def __init__(
+        self,
+        plan: Tensor,
+        converged: Tensor,
+        error: Tensor,
+        iterations: Tensor,
+        status: list[str],
+        has_background: bool,
+        potentials: Potentials,
+        kind: str,
+        batched: bool,
+        out_dtype: torch.dtype,
+    ):
+        # Private: built by match() and the matchers from batched tensors ([B, ...]).
+        self._plan, self._converged, self._error = plan, converged, error
+        self._iterations, self._status, self._potentials = iterations, list(status), potentials
+        self._kind, self._batched, self._out_dtype = kind, batched, out_dtype
+        self._has_background = has_background
 
     @property
-    def f(self) -> Any:
+    def has_background(self) -> bool:
+        """Whether the last column of ``plan`` is the background ∅."""
+        return self._has_background
+
+    def _item(self, x: Tensor, dtype: torch.dtype | None = None) -> Array:
+        return to_container(x if self._batched else x[0], self._kind, dtype)
+
+    @cached_property
+    def plan(self) -> Array:
+        """``[B, M, N(+1)]`` transport plan; row i is how prediction i's mass is split."""
+        return self._item(self._plan, self._out_dtype)
+
+    @cached_property
+    def converged(self) -> Array:
+        """``[B]`` bool: the item's marginal error is at most ``tol`` (and its plan finite)."""
+        return self._item(self._converged)
+
+    @cached_property
+    def marginal_error(self) -> Array:
+        """``[B]`` the relative L1 violation of the marginal optimality conditions (above)."""
+        return self._item(self._error)
+
+    @cached_property
+    def iterations(self) -> Array:
+        """``[B]`` int64 scaling iterations each item used (0 at eps = 0)."""
+        return self._item(self._iterations)
+
+    @property
+    def status(self) -> list[str] | str:
+        """Per item ``"converged"``, ``"max_iter"`` or ``"precision"`` (:data:`STATUSES`)."""
+        return list(self._status) if self._batched else self._status[0]
+
+    @cached_property
+    def _fg(self) -> tuple[Array, Array]:
+        f, g = self._potentials()
+        return self._item(f), self._item(g)
+
+    @property
+    def f(self) -> Array:
         """``[B, M]`` row (prediction) dual potentials: ``P = exp((f_i + g_j - C_ij) / eps)``.
 
         At eps = 0 these are the exact duals of the limit problem (``ot.emd``'s for balanced).
@@ -74,7 +121,7 @@ class Matching:
         return self._fg[0]
 
     @property
-    def g(self) -> Any:
+    def g(self) -> Array:
         """``[B, N(+1)]`` column (ground truth, then ∅) dual potentials; 0 for masked columns."""
         return self._fg[1]
 
@@ -87,13 +134,12 @@ class Matching:
         empty = plan.sum(-1) <= 0
         return torch.where((idx >= n_real) | empty, torch.full_like(idx, -1), idx)
 
-    def assignment(self) -> Any:
+    def assignment(self) -> Array:
         """``[B, M]`` int64: per prediction, the ground truth holding the largest share of its row,
         or -1 when that is the background or the row carries no mass."""
-        out = self._assignment()
-        return to_container(out if self._batched else out[0], self._kind)
+        return self._item(self._assignment())
 
-    def pairs(self) -> Any:
+    def pairs(self) -> list[tuple[Array, Array]] | tuple[Array, Array]:
         """DETR-style matches: per item a pair ``(pred_idx, gt_idx)`` of int64 index arrays (CPU
         tensors for torch input, as DETR's matcher), from :meth:`assignment` (predictions on the
         background are left out), sorted by prediction. A list of B pairs for a batched call,
@@ -105,6 +151,27 @@ class Matching:
             gt = row[pred]
             out.append((to_container(pred, self._kind), to_container(gt, self._kind)))
         return out if self._batched else out[0]
+
+    def _first_rows(self, n: int) -> Matching:
+        """The same solution restricted to the first ``n`` rows (predictions)."""
+        potentials = self._potentials
+
+        def first(fn=potentials) -> tuple[Tensor, Tensor]:
+            f, g = fn()
+            return f[:, :n], g
+
+        return Matching(
+            self._plan[:, :n],
+            self._converged,
+            self._error,
+            self._iterations,
+            self._status,
+            self.has_background,
+            first,
+            self._kind,
+            self._batched,
+            self._out_dtype,
+        )
 
     def __repr__(self) -> str:
         shape = tuple(self._plan.shape if self._batched else self._plan.shape[1:])

@@ -158,7 +158,13 @@ class Screen:
 
 
 def screen(
-    C: Tensor, row_min: Tensor, bg: Tensor, a: Tensor, b: Tensor, eps: float
+    C: Tensor,
+    row_min: Tensor,
+    bg: Tensor,
+    a: Tensor,
+    b: Tensor,
+    eps: float,
+    max_kept_fraction: float = MAX_KEPT_FRACTION,
 ) -> Screen | None:
     """Find the rows of a balanced problem that go to the background to the dtype's precision.
 
@@ -166,8 +172,9 @@ def screen(
         C: ``[B, M, N]`` real-column costs (``+inf`` on masked columns). row_min: ``C.amin(-1)``.
         bg: ``[B, M]`` background costs. a: ``[B, M]``, b: ``[B, N]`` masses (b 0 where masked).
         eps: > 0.
+        max_kept_fraction: decline when more than this fraction of the rows would be kept.
     Returns ``None`` when screening does not apply (no background mass, no ground-truth mass) or
-    would keep more than ``MAX_KEPT_FRACTION`` of the rows.
+    would keep more than ``max_kept_fraction`` of the rows.
     """
     B, M, N = C.shape
     sum_a, sum_b = a.sum(-1), b.sum(-1)
@@ -216,7 +223,7 @@ def screen(
         idx = wide.gather(1, local)
     else:
         idx, valid = candidate_rows(d_min < cut_keep.unsqueeze(-1))  # +inf: every row
-    if idx.shape[1] > MAX_KEPT_FRACTION * M:
+    if idx.shape[1] > max_kept_fraction * M:
         return None
     screen = Screen(idx, valid, threshold)
     if not bool((screen.kept_mass(a).sum(-1) > sum_b).all()):  # cannot happen at an exact optimum

@@ -17,7 +17,10 @@ Its solution is ``P_ij = exp((f_i + g_j - C_ij) / eps)`` for the potentials fixe
 a log-sum-exp over the whole ``[B, M, N]`` tensor. Whenever ``|log u|`` or ``|log v|`` grows large
 they are folded into ``f, g`` and the kernel is rebuilt (Schmitzer's absorption), so nothing
 overflows or underflows whatever eps and the cost scale. Small eps is reached by eps-scaling:
-a geometric schedule of decreasing eps, each stage warm-started from the previous potentials.
+a geometric schedule of decreasing eps from the estimated dual range (the whole range: no cap
+below the dtype's precision), each stage warm-started from the previous potentials. The first
+stage starts from a c-transform of both sides (:func:`warm_start`), so that every line has a
+kernel entry of 1 whatever its cost offset (a column whose costs are all 1e6 is served).
 
 Accelerations, none of which changes the fixed point:
 
@@ -59,8 +62,6 @@ CLAMP_FRACTION = 3.0
 KERNEL_LOG_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 #: Ratio between consecutive eps-scaling stages.
 EPS_DECAY = 0.5
-#: The first eps-scaling stage starts at most this many times above the target eps.
-MAX_EPS_RATIO = 2.0**12
 #: No eps-scaling unless the estimated dual range exceeds this many times eps.
 MIN_EPS_RATIO = 64.0
 #: Column compaction (:class:`_Compaction`) is used when at most this fraction of columns remain,
@@ -75,6 +76,12 @@ COMPACT_MIN_SIZE = 2**20
 STAGE_ITERS = 10
 #: Over-relaxation weight (1 = plain Sinkhorn); items whose error grows fall back to 1.
 OMEGA = 1.5
+#: A float32 problem is solved in float64 when rounding the kernel's exponents ``(f + g - C) /
+#: eps`` errs by more than this (``|C| / eps`` above ~8e3), or when its plan could hold entries
+#: above ``exp(LOG_SAFE[float32])``; an item is ``imprecise`` when even its working dtype errs
+#: by more (the iterations then cannot settle).
+PRECISION = 1e-3
+LOG_SAFE = {torch.float32: 60.0, torch.float64: 650.0}
 
 
 @dataclass
@@ -86,7 +93,20 @@ class SinkhornOutput:
     g: Tensor  # [B, N]
     error: Tensor  # [B]
     iterations: Tensor  # [B] int64
-    converged: Tensor  # [B] bool
+    converged: Tensor  # [B] bool: error <= tol and a finite plan
+    imprecise: Tensor  # [B] bool: eps below what the working dtype resolves at these costs
+    finite: Tensor  # [B] bool: every plan entry finite
+
+
+@dataclass
+class Marginal:
+    """One side of the problem: its masses ``[B, L]`` (0 for an absent line, e.g. a masked
+    column), its penalty ``tau`` in ``[0, inf]`` and, when the caller has them, the minima of its
+    lines' costs ``[B, L]`` (``+inf`` where a line allows nothing)."""
+
+    mass: Tensor
+    tau: float
+    cost_min: Tensor | None = None
 
 
 def damping(tau: float, eps: float) -> float:
@@ -124,7 +144,7 @@ class _Side:
     alive: Tensor  # [B, L] bool
     tau: float
     mass: Tensor  # [B, L], 0 on dead lines
-    scale: Tensor  # [B]: 1 / prescribed total mass (1 where that is 0)
+    total: Tensor  # [B]: prescribed total mass (1 where that is 0)
 
     @classmethod
     def make(
@@ -133,22 +153,25 @@ class _Side:
         """``total`` ``[B]`` overrides the mass errors are relative to (default: this side's)."""
         mass = torch.where(alive, log_mass.exp(), torch.zeros_like(log_mass))
         total = mass.sum(-1) if total is None else total
-        return cls(log_mass, alive, tau, mass, torch.where(total > 0, 1 / total, 1.0))
+        return cls(log_mass, alive, tau, mass, torch.where(total > 0, total, 1.0))
 
     def error(self, actual: Tensor, potential: Tensor) -> Tensor | None:
-        """``||actual - target||_1 / ||mass||_1`` per item (``actual`` is 0 on dead lines);
-        ``None`` when ``tau = 0``: that marginal is free, so it has no condition to violate.
+        """``||actual - target||_1 / max(||mass||_1, ||target||_1)`` per item (``actual`` is 0
+        on dead lines); ``None`` when ``tau = 0``: that marginal is free, so it has no
+        condition to violate.
 
-        Normalised by the prescribed mass, not by the target: where the optimum moves almost no
-        mass (tau small against the costs) the error stays a fraction of the problem's mass.
+        Normalised by the larger of the prescribed and the target mass: where the optimum moves
+        almost no mass (tau small against the costs) the error stays a fraction of the
+        problem's mass, and where it moves far more (negative costs, small tau) a fraction of
+        what it moves (which is all a floating-point plan can resolve). With ``tau = inf`` the
+        two are the same.
         """
         if self.tau == 0:
             return None
         if math.isinf(self.tau):
-            target = self.mass
-        else:
-            target = torch.where(self.alive, (self.log_mass - potential / self.tau).exp(), 0.0)
-        return (actual - target).abs_().sum(-1).mul_(self.scale)
+            return (actual - self.mass).abs_().sum(-1).div_(self.total)
+        target = torch.where(self.alive, (self.log_mass - potential / self.tau).exp(), 0.0)
+        return (actual - target).abs_().sum(-1).div_(torch.maximum(self.total, target.sum(-1)))
 
 
 def _side_error(side: _Side, actual: Tensor, potential: Tensor) -> Tensor:
@@ -167,9 +190,9 @@ def marginal_error(
 ) -> Tensor:
     """Relative L1 violation of the optimality conditions on both marginals, ``[B]``.
 
-    For the rows, ``||P 1 - a exp(-f / tau1)||_1 / ||a||_1`` (the fraction of mass misplaced;
-    the target is ``a`` itself when ``tau1 = inf``; a ``tau1 = 0`` side has no condition), and
-    likewise for the columns; the larger side wins.
+    For the rows, ``||P 1 - a exp(-f / tau1)||_1 / max(||a||_1, ||a exp(-f / tau1)||_1)`` (the
+    fraction of mass misplaced; the target is ``a`` itself when ``tau1 = inf``; a ``tau1 = 0``
+    side has no condition), and likewise for the columns; the larger side wins.
     """
     return torch.maximum(_side_error(rows, row_mass, f), _side_error(cols, col_mass, g))
 
@@ -211,7 +234,8 @@ def eps_schedule(row_min: Tensor, col_min: Tensor, eps: float) -> list[float]:
 
     Starts at the spread of the row and column minima (alive lines only; pass ``+inf`` for dead
     ones), a cheap estimate of the range of the dual potentials that, unlike the raw cost range,
-    ignores large penalty constants, and at most ``MAX_EPS_RATIO`` times ``eps``.
+    ignores large penalty constants. The whole range is covered (halving each stage), up to
+    the precision of the dtype: a spread above ``eps / finfo.eps`` cannot be resolved anyway.
     """
     spread = 0.0
     for mins in (row_min, col_min):  # dead lines hold +inf
@@ -221,11 +245,51 @@ def eps_schedule(row_min: Tensor, col_min: Tensor, eps: float) -> list[float]:
             gap = float((hi - lo).detach())
             spread += gap if math.isfinite(gap) else 0.0
     stages = []
-    e = min(spread, eps * MAX_EPS_RATIO) if spread > eps * MIN_EPS_RATIO else eps
+    e = min(spread, eps / torch.finfo(row_min.dtype).eps) if spread > eps * MIN_EPS_RATIO else eps
     while e > eps:
         stages.append(e)
         e *= EPS_DECAY
     return stages + [eps]
+
+
+def warm_start(
+    cost: Tensor,
+    row_min: Tensor,
+    col_min: Tensor,
+    row_alive: Tensor,
+    col_alive: Tensor,
+    lam1: float,
+    lam2: float,
+    tau1: float,
+    tau2: float,
+) -> tuple[Tensor, Tensor]:
+    """Initial potentials ``f [B, M]``, ``g [B, N]``: a (damped) c-transform of both sides.
+
+    The longer side takes its lines' minima, the other side the c-transform against it
+    (``f_i = min_j C_ij - g_j``; one pass over the cost, along its fast dimension when the
+    columns are the longer side), each damped by ``lam = tau / (tau + eps)`` of the first
+    stage (a ``tau = 0`` side stays at 0). Every line then has a kernel entry of about 1: none
+    starts below the kernel's floor, whatever its offset (a column whose costs are all 1e6),
+    which the iterations could otherwise only reach by steps of a few eps.
+    """
+    zero_m, zero_n = row_min.new_zeros(row_min.shape), col_min.new_zeros(col_min.shape)
+    f, g = zero_m, zero_n
+    if cost.numel() == 0:
+        return f, g
+    # ``cost`` is +inf on dead lines (the potentials there are 0), so they never win a minimum.
+    if cost.shape[2] >= cost.shape[1]:  # columns the longer side: g first, then f along dim 2
+        if tau2 > 0:
+            g = torch.where(col_alive, lam2 * col_min, zero_n)
+        if tau1 > 0:
+            reduced = (cost - g[:, None, :]).amin(-1)
+            f = torch.where(row_alive & (reduced < math.inf), lam1 * reduced, zero_m)
+    else:
+        if tau1 > 0:
+            f = torch.where(row_alive, lam1 * row_min, zero_m)
+        if tau2 > 0:
+            reduced = (cost - f[..., None]).amin(-2)
+            g = torch.where(col_alive & (reduced < math.inf), lam2 * reduced, zero_n)
+    return f, g
 
 
 @dataclass
@@ -309,7 +373,7 @@ class _Work:
             cp.gather(cols.alive),
             cols.tau,
             cp.gather(cols.mass),
-            cols.scale,
+            cols.total,
         )
         return cls(cp.kernel(K), cp.gather(c_v), cp.gather(log_v), cp.gather(col_alive), side, cp)
 
@@ -335,46 +399,60 @@ class _Work:
 
 def sinkhorn(
     cost: Tensor,
-    log_a: Tensor,
-    log_b: Tensor,
+    rows: Marginal,
+    cols: Marginal,
+    *,
     eps: float,
-    tau1: float,
-    tau2: float,
     max_iter: int,
     tol: float,
-    row_min: Tensor | None = None,
-    col_min: Tensor | None = None,
     error_mass: Tensor | None = None,
+    compact: bool | None = None,
 ) -> SinkhornOutput:
     """Solve a batch of entropic UOT problems.
 
     Args:
         cost: ``[B, M, N]`` finite or ``+inf`` (forbidden pair) costs. Reductions over the last
             dimension are the fast ones: pass the transposed problem when ``M >> N``.
-        log_a: ``[B, M]`` log row masses (``-inf`` for zero mass).
-        log_b: ``[B, N]`` log column masses (``-inf`` for zero mass or a masked column).
+        rows, cols: the two marginals (masses ``[B, M]`` and ``[B, N]``, 0 for an absent line;
+            their cost minima when the caller has them).
         eps: entropic regularisation, ``> 0``.
-        tau1, tau2: marginal penalties in ``[0, inf]``.
         max_iter: total scaling iterations (eps-scaling stages included).
         tol: stop an item once its relative marginal error is at most this.
-        row_min, col_min: ``cost.amin(-1)`` and ``cost.amin(-2)`` if the caller has them.
         error_mass: ``[B]``, when given, the mass marginal errors are relative to (default: each
             side's prescribed total), e.g. that of the full problem a screened one came from.
+        compact: closed-form single-entry columns (:class:`_Compaction`): None when it pays
+            (large sparse kernels, ``COMPACT_MIN_SIZE``), True from any size, False never. It
+            applies under a hard column marginal without translation steps and without
+            gradients; the caller refuses True elsewhere.
     """
     B, M, N = cost.shape
-    row_min = cost.amin(-1) if row_min is None else row_min  # [B, M]
-    col_min = cost.amin(-2) if col_min is None else col_min  # [B, N]
+    tau1, tau2 = rows.tau, cols.tau
+    row_min = cost.amin(-1) if rows.cost_min is None else rows.cost_min  # [B, M]
+    col_min = cost.amin(-2) if cols.cost_min is None else cols.cost_min  # [B, N]
     # A line with only forbidden entries, or zero mass under a tau > 0 (KL to 0 forces it
     # empty), carries nothing: exactly zero plan, potential pinned to 0, excluded from the error.
-    row_alive = (row_min < math.inf) & (torch.isfinite(log_a) | (tau1 == 0))  # [B, M]
-    col_alive = (col_min < math.inf) & (torch.isfinite(log_b) | (tau2 == 0))  # [B, N]
+    row_alive = (row_min < math.inf) & ((rows.mass > 0) | (tau1 == 0))  # [B, M]
+    col_alive = (col_min < math.inf) & ((cols.mass > 0) | (tau2 == 0))  # [B, N]
+    magnitude, log_bound = _scales(row_min, col_min, row_alive, col_alive, rows, cols, eps)
+    if cost.dtype == torch.float32 and bool(
+        (
+            (magnitude * torch.finfo(torch.float32).eps > PRECISION * eps)
+            | (log_bound > LOG_SAFE[torch.float32])
+        ).any()
+    ):
+        cost, row_min, col_min = cost.double(), row_min.double(), col_min.double()
+        rows = Marginal(rows.mass.double(), tau1)
+        cols = Marginal(cols.mass.double(), tau2)
+        error_mass = None if error_mass is None else error_mass.double()
+    imprecise = magnitude * torch.finfo(cost.dtype).eps > PRECISION * eps  # [B]
+    log_a, log_b = rows.mass.log(), cols.mass.log()  # -inf for zero mass
     any_dead = not bool(row_alive.all() and col_alive.all())
     if any_dead:
         cost = cost.masked_fill(~row_alive[..., None] | ~col_alive[:, None, :], math.inf)
         row_min = torch.where(row_alive, row_min, math.inf)
         col_min = torch.where(col_alive, col_min, math.inf)
     # With tau = 0 the masses play no part; keep the logs finite so 0 * log never is NaN.
-    zero_m, zero_n = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    zero_m, zero_n = torch.zeros_like(row_min), torch.zeros_like(col_min)
     log_a = torch.where(row_alive & torch.isfinite(log_a), log_a, zero_m)
     log_b = torch.where(col_alive & torch.isfinite(log_b), log_b, zero_n)
     tiny = torch.finfo(cost.dtype).tiny
@@ -382,32 +460,36 @@ def sinkhorn(
     # |log u| + |log v| nears |floor| keeps what they would have grown to negligible.
     floor = KERNEL_LOG_FLOOR[cost.dtype]
     absorb_at, log_clamp = -floor / ABSORB_FRACTION, -floor / CLAMP_FRACTION
-    rows = _Side.make(log_a, row_alive, tau1, error_mass)
-    cols = _Side.make(log_b, col_alive, tau2, error_mass)
+    rows_side = _Side.make(log_a, row_alive, tau1, error_mass)
+    cols_side = _Side.make(log_b, col_alive, tau2, error_mass)
     finite1, finite2 = 0 < tau1 < math.inf, 0 < tau2 < math.inf  # targets move with f, g
 
-    # Warm start: every line of the longer side (where a tau > 0 lets it move) gets a kernel
-    # entry of 1, so nothing underflows at the first stage.
-    f, g = zero_m, zero_n
-    if tau2 > 0 and (N >= M or tau1 == 0):
-        g = torch.where(col_alive, col_min, zero_n)
-    elif tau1 > 0:
-        f = torch.where(row_alive, row_min, zero_m)
+    stages = eps_schedule(row_min, col_min, eps)
+    f, g = warm_start(
+        cost,
+        row_min,
+        col_min,
+        row_alive,
+        col_alive,
+        damping(tau1, stages[0]),
+        damping(tau2, stages[0]),
+        tau1,
+        tau2,
+    )
 
     translate = 0 < tau1 and 0 < tau2 and not (math.isinf(tau1) and math.isinf(tau2))
     compactable = (
-        COMPACT_MAX_FRACTION > 0
+        compact is not False
         and math.isinf(tau2)
         and not translate
         and N > M
-        and B * M * N >= COMPACT_MIN_SIZE
+        and (compact or B * M * N >= COMPACT_MIN_SIZE)
         and not torch.is_grad_enabled()
     )
     if cost.is_cuda:
         check_every = CHECK_EVERY_CUDA
     else:  # a check is ~30 tiny ops: on small problems that is several mat-vecs' worth
         check_every = 1 if B * M * N >= CHECK_EVERY_CPU_SIZE else CHECK_EVERY_CPU_SMALL
-    stages = eps_schedule(row_min, col_min, eps)
     active = torch.ones(B, 1, dtype=torch.bool, device=cost.device)
     omega = torch.full((B, 1), OMEGA, dtype=cost.dtype, device=cost.device)
     weight = omega.clone()  # omega for active items, 0 for frozen ones: one lerp does both
@@ -422,7 +504,7 @@ def sinkhorn(
         #   log u = lam1 (log a - log K v) - (1 - lam1) f / eps, likewise log v.
         c_u = lam1 * log_a - (1 - lam1) / eps_s * f
         log_u, u = zero_m, torch.ones_like(f)
-        work = _Work.make(K, g, log_b, lam2, eps_s, cols, col_alive, False, floor)
+        work = _Work.make(K, g, log_b, lam2, eps_s, cols_side, col_alive, False, floor)
         Kv = work.K.sum(-1)  # K @ 1
         budget = max_iter - it if final else min(STAGE_ITERS, max_iter - it - 1)
         for k in range(max(budget, 0)):
@@ -453,7 +535,7 @@ def sinkhorn(
             if final and compactable and work.compact is None and k + 1 == COMPACT_AFTER:
                 # Still not converged: iterate on the multi-entry columns only from here on.
                 work = _Work.make(
-                    K, g, log_b, lam2, eps_s, cols, col_alive, True, floor, work.log_v
+                    K, g, log_b, lam2, eps_s, cols_side, col_alive, True, floor, work.log_v
                 )
                 if work.compact is not None:
                     v = work.log_v.exp()
@@ -465,7 +547,10 @@ def sinkhorn(
             # short one, and always at the last iteration, so the final error is complete.
             fu = f + eps_s * log_u if finite1 else f
             gv = work.gather(g) + eps_s * work.log_v if finite2 else work.gather(g)
-            sides = [(rows, u * Kv, fu), (work.cols, col_mass if translate else v * KTu, gv)]
+            sides = [
+                (rows_side, u * Kv, fu),
+                (work.cols, col_mass if translate else v * KTu, gv),
+            ]
             if M > N:
                 sides.reverse()
             short_err = _side_error(*sides[0])
@@ -489,14 +574,24 @@ def sinkhorn(
             last_err = short_err
             weight = omega * active
             if absorb:
-                f, g = f + eps_s * log_u, g + eps_s * work.full_log_v(log_b, log_u)
+                # Only the active items fold their scalings in: a frozen item's kernel is then
+                # rebuilt from the same potentials, bit for bit, so its plan (and the error it
+                # converged with) stays as it was rather than re-rounded at large potentials.
+                full_v = work.full_log_v(log_b, log_u)
+                fold_u, fold_v = log_u * active, full_v * active
+                f, g = f + eps_s * fold_u, g + eps_s * fold_v
                 K = kernel(cost, f, g, eps_s, out=K)
                 c_u = lam1 * log_a - (1 - lam1) / eps_s * f
-                log_u, u = zero_m, torch.ones_like(f)
+                log_u = log_u - fold_u
+                u = log_u.exp()
                 keep_compact = work.compact is not None
-                work = _Work.make(K, g, log_b, lam2, eps_s, cols, col_alive, keep_compact, floor)
-                Kv = work.with_eliminated(work.K.sum(-1), u)
+                work = _Work.make(
+                    K, g, log_b, lam2, eps_s, cols_side, col_alive, keep_compact, floor,
+                    full_v - fold_v,
+                )  # fmt: skip
+                Kv = work.Kv(work.log_v.exp(), u)
         log_v = work.full_log_v(log_b, log_u)
+        row_sums = u * Kv  # [B, M]: the row sums of diag(u) K diag(v), the plan below
         if final and not torch.is_grad_enabled():
             # diag(u) K diag(v), in place: the plan whose marginals the last check measured.
             plan = K.mul_(u.unsqueeze(-1)).mul_(log_v.exp().unsqueeze(-2))
@@ -504,13 +599,73 @@ def sinkhorn(
 
     if torch.is_grad_enabled():
         plan = kernel(cost, f, g, eps)
-        err = marginal_error(plan.sum(-1), plan.sum(-2), rows, cols, f, g)
+        row_sums = plan.sum(-1)
+        err = marginal_error(row_sums, plan.sum(-2), rows_side, cols_side, f, g)
     iterations.masked_fill_(active[:, 0], it)
+    # Non-negative entries: the plan is finite iff its row sums are (NaN propagates too).
+    finite = torch.isfinite(row_sums).all(-1)
     return SinkhornOutput(
         plan=plan,
         f=torch.where(row_alive, f, zero_m),
         g=torch.where(col_alive, g, zero_n),
         error=err,
         iterations=iterations,
-        converged=err <= tol,
+        converged=(err <= tol) & finite & ~imprecise,
+        imprecise=imprecise,
+        finite=finite,
     )
+
+
+def _scales(
+    row_min: Tensor,
+    col_min: Tensor,
+    row_alive: Tensor,
+    col_alive: Tensor,
+    rows: Marginal,
+    cols: Marginal,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Per item, ``[B]`` each: the magnitude of the costs that matter (their lines' minima: an
+    absorbed potential is of that size, and the kernel's exponents are rounded at it), and an
+    upper bound on the log of the plan's largest entry.
+
+    The bound: a row with ``tau1 = inf`` carries exactly ``a_i``, a column with ``tau2 = inf``
+    ``b_j``; with both finite, an entry ``P_ij`` above ``max(a_i, b_j)`` makes ``f_i <= -tau1
+    log(P_ij / a_i)`` and ``g_j <= -tau2 log(P_ij / b_j)`` (the first-order conditions), so
+    ``(eps + tau1 + tau2) log P_ij <= tau1 log a_i + tau2 log b_j - C_ij``.
+    """
+    dt = row_min.dtype
+    ninf = torch.tensor(-math.inf, dtype=dt, device=row_min.device)
+    zero = torch.zeros((), dtype=dt, device=row_min.device)
+    size_r = torch.where(row_alive, row_min.abs(), zero).amax(-1) if row_min.shape[1] else None
+    size_c = torch.where(col_alive, col_min.abs(), zero).amax(-1) if col_min.shape[1] else None
+    magnitude = torch.zeros(row_min.shape[0], dtype=dt, device=row_min.device)
+    for size in (size_r, size_c):
+        if size is not None:
+            magnitude = torch.maximum(magnitude, size)
+    tau1, tau2 = rows.tau, cols.tau
+    if 0 < tau1 < math.inf and 0 < tau2 < math.inf:
+        # Unequal total masses put the potentials near tau1 tau2 / (tau1 + tau2) log(A / B).
+        total_a = torch.where(row_alive, rows.mass, zero).sum(-1)
+        total_b = torch.where(col_alive, cols.mass, zero).sum(-1)
+        ratio = (total_a.log() - total_b.log()).nan_to_num(0.0, 0.0, 0.0).abs()
+        magnitude = magnitude + tau1 * tau2 / (tau1 + tau2) * ratio
+    log_a = torch.where(row_alive, rows.mass, zero).amax(-1).log() if row_min.shape[1] else ninf
+    log_b = torch.where(col_alive, cols.mass, zero).amax(-1).log() if col_min.shape[1] else ninf
+    log_a, log_b = torch.as_tensor(log_a, dtype=dt), torch.as_tensor(log_b, dtype=dt)
+    if math.isinf(tau1) or math.isinf(tau2):
+        bound = log_a if math.isinf(tau1) else log_b
+        if math.isinf(tau1) and math.isinf(tau2):
+            bound = torch.minimum(log_a, log_b)
+    else:
+        c_min = torch.where(row_alive, row_min, math.inf).amin(-1) if row_min.shape[1] else None
+        if c_min is None:
+            return magnitude, torch.full_like(magnitude, -math.inf)
+        num = -c_min
+        if tau1 > 0:
+            num = num + tau1 * log_a
+        if tau2 > 0:
+            num = num + tau2 * log_b
+        bound = torch.maximum(torch.maximum(log_a, log_b), num / (eps + tau1 + tau2))
+    bound = torch.where(torch.isnan(bound), -math.inf, bound)
+    return magnitude, bound.expand_as(magnitude)

@@ -1,4 +1,9 @@
-"""Dataclass configs filled by argparse, optionally from a YAML file (``yaml.safe_load``)."""
+"""Dataclass configs filled by argparse, optionally from a YAML file (``yaml.safe_load``).
+
+Every value, from the command line or the file, gets the field's type and choices checked the
+same way; a field given neither way keeps its default. Errors are argparse errors (one line,
+exit status 2).
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,67 @@ from typing import Any
 
 __all__ = ["parse_config"]
 
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 
-def _type_of(field: dataclasses.Field):
-    t = (
-        field.type
-        if isinstance(field.type, str)
-        else getattr(field.type, "__name__", str(field.type))
-    )
-    if "bool" in t:
-        return None
-    if "float" in t:
-        return float
-    if "int" in t:
-        return int
-    return str
+
+def field_type(field: dataclasses.Field) -> tuple[type, bool]:
+    """``(bool | int | float | str, optional)`` of a config field from its annotation."""
+    text = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    parts = [p.strip() for p in str(text).split("|")]
+    optional = "None" in parts
+    names = [p for p in parts if p != "None"]
+    if len(names) != 1 or names[0] not in _TYPES:
+        raise TypeError(f"config field {field.name}: unsupported type {text!r}")
+    return _TYPES[names[0]], optional
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def convert(field: dataclasses.Field, value: Any, where: str) -> Any:
+    """``value`` (from YAML, or a string from the command line) as the field's type, or a
+    ``ValueError`` naming the field, what was expected and what was received."""
+    kind, optional = field_type(field)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where} must be a {kind.__name__}, got null")
+    bad = ValueError(f"{where} must be {_expected(kind)}, got {value!r}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise bad
+        try:
+            value = int(value)
+        except ValueError:
+            raise bad from None
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise bad
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-4 as a string; "inf" too
+        except ValueError:
+            raise bad from None
+        if math.isnan(value):
+            raise bad
+    elif not isinstance(value, str):
+        raise bad
+    choices = field.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _expected(kind: type) -> str:
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+    }[kind]
 
 
 def _check_preset(cls, values: dict, p: argparse.ArgumentParser) -> None:
@@ -36,61 +88,70 @@ def _check_preset(cls, values: dict, p: argparse.ArgumentParser) -> None:
         return
     for key, value in presets[name].items():
         if key in values and (callable(value) or values[key] != value):
-            flag = "--" + key.replace("_", "-")
+            flag = _flag(key)
             what = f"derives {flag}" if callable(value) else f"sets {flag} to {value!r}"
             p.error(f"--preset {name} {what}: drop {flag} {values[key]!r} or the preset")
 
 
-def parse_config(cls, argv=None, description: str = ""):
+def _default_text(f: dataclasses.Field) -> str:
+    if f.metadata.get("default_help"):
+        return f.metadata["default_help"]
+    d = f.default
+    if d is None:
+        return "not set"
+    if isinstance(d, bool):
+        return "on" if d else "off"
+    if d == "":
+        return "none"
+    return str(d)
+
+
+def parse_config(cls, argv=None, description: str = "", prog: str | None = None):
     """Build ``cls`` (a dataclass) from ``--config file.yaml`` and the command line; the command
-    line wins. Field ``foo_bar`` is ``--foo-bar``; bools are ``--foo`` / ``--no-foo``."""
-    p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    line wins. Field ``foo_bar`` is ``--foo-bar``; bools are ``--foo`` / ``--no-foo``. ``prog``
+    names the command in usage lines (e.g. ``python -m detectors.fcos.train``)."""
+    p = argparse.ArgumentParser(description=description, prog=prog)
     p.add_argument("--config", type=Path, help="YAML file of defaults (keys as field names)")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        kind = _type_of(f)
-        if kind is None:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for f in fields.values():
+        kind, _ = field_type(f)
+        help_text = f.metadata.get("help", f.name.replace("_", " "))
+        help_text = f"{help_text} (default: {_default_text(f)})"
+        if kind is bool:
             p.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"{help_text} (default: {f.default})",
+                _flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
-            p.add_argument(
-                flag,
-                type=kind,
-                default=None,
-                help=f"{help_text} (default: {f.default})",
-                **({"choices": f.metadata["choices"]} if "choices" in f.metadata else {}),
-            )
+            metavar = f.metadata.get("metavar", f.name.upper())
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                metavar = "{" + ",".join(str(c) for c in choices if c != "") + "}"
+            p.add_argument(_flag(f.name), type=str, default=None, help=help_text, metavar=metavar)
     args = p.parse_args(argv)
     values: dict[str, Any] = {}
-    if args.config is not None:
-        import yaml
+    try:
+        if args.config is not None:
+            import yaml
 
-        try:
-            loaded = yaml.safe_load(args.config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            p.error(f"--config {args.config}: {exc}")
-        if not isinstance(loaded, dict):
-            p.error(f"--config {args.config}: expected a mapping of field names to values")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(loaded) - names)
-        if unknown:
-            p.error(f"--config {args.config}: unknown keys {unknown}")
-        values.update(loaded)
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name)
-        if v is not None:
-            values[f.name] = v
+            try:
+                loaded = yaml.safe_load(args.config.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                p.error(f"--config {args.config}: {exc}")
+            if not isinstance(loaded, dict):
+                p.error(f"--config {args.config}: expected a mapping of field names to values")
+            unknown = sorted(set(loaded) - set(fields))
+            if unknown:
+                p.error(f"--config {args.config}: unknown keys {unknown}")
+            for key, value in loaded.items():
+                where = f"--config {args.config}: {key}"
+                values[key] = convert(fields[key], value, where)
+        for name, f in fields.items():
+            v = getattr(args, name)
+            if v is not None:
+                values[name] = convert(f, v, _flag(name))
+    except ValueError as exc:
+        p.error(str(exc))
     _check_preset(cls, values, p)
-    for key in ("tau1", "tau2"):
-        if key in values and isinstance(values[key], str) and values[key] in ("inf", "infinity"):
-            values[key] = math.inf
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:

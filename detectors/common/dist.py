@@ -7,7 +7,15 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_objects", "barrier", "init_distributed", "is_main", "rank", "world_size"]
+__all__ = [
+    "all_gather_objects",
+    "barrier",
+    "global_count",
+    "init_distributed",
+    "is_main",
+    "rank",
+    "world_size",
+]
 
 
 def init_distributed(device: torch.device) -> bool:
@@ -37,6 +45,16 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def global_count(n: torch.Tensor) -> torch.Tensor:
+    """A per-rank count (of targets, foreground anchors, ...) as the mean over the ranks, at
+    least 1: the normaliser of DETR's and FCOS's losses (DETR's ``num_boxes``)."""
+    n = n.detach().float().reshape(())
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return n.clamp_min(1.0)
 
 
 def all_gather_objects(obj) -> list:

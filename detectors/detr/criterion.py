@@ -3,14 +3,17 @@
 Losses come from ``loss_map`` and are combined with ``weight_dict`` (DETR's structure):
 ``loss_ce`` (cross-entropy with the no-object class weighted ``eos_coef``, or sigmoid focal),
 ``loss_bbox`` (L1 of normalised cxcywh) and ``loss_giou`` (1 - GIoU), each box term divided by
-``num_boxes`` (all-reduced over ranks, at least 1); ``cardinality_error`` is logged. With
-auxiliary decoding losses every decoder layer is matched and scored (keys suffixed ``_i``).
+``num_boxes`` (all-reduced over ranks, at least 1); ``cardinality_error`` and ``class_error``
+are logged. With auxiliary decoding losses every decoder layer is matched and scored (keys
+suffixed ``_i``).
 
-``loss_weighting="plan"`` is the UOT paper's loss ``N_p * sum_ij P_ij L(y_hat_i, y_j)``: with our
-unit prediction masses the plan's rows already sum to 1 (``N_p`` times the paper's ``1/N_p``),
-so every pair's loss is weighted by its plan entry and a prediction's background share takes
-the classification term alone (no-object). When the plan is a 0/1 matching this is exactly the
-hard loss (tested).
+Every loss is computed one way, weighted by a plan ``P [B, Q, G]`` and each query's background
+share ``P_i∅``: ``sum_ij P_ij L(y_hat_i, y_j) + sum_i P_i∅ L_noobj(y_hat_i)``. With
+``loss_weighting="plan"`` the plan is the matcher's (the UOT paper's loss ``N_p sum_ij P_ij
+L``: with our unit prediction masses the rows already sum to 1); with ``"hard"`` it is the 0/1
+plan of the decoded pairs, and then this is exactly DETR's loss (tested against DETR's own
+formulas). Targets stay padded (:class:`~uotmatch.detection.SetTargets`) from the batch to the
+losses.
 """
 
 from __future__ import annotations
@@ -18,22 +21,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from uotmatch.detection import (
-    HungarianMatcher,
-    UOTMatcher,
-    aligned_giou,
-    box_cxcywh_to_xyxy,
-    box_xyxy_to_cxcywh,
-    generalized_box_iou,
-    pad_targets,
-)
+from detectors.common.dist import global_count
+from uotmatch.detection import SetMatcher, SetTargets, box_xyxy_to_cxcywh
+from uotmatch.detection.costs import detr_box_costs, one_hot_terms
 
-__all__ = ["LOSS_WEIGHTINGS", "SetCriterion", "detr_targets", "plan_from_pairs"]
+__all__ = ["LOSS_WEIGHTINGS", "SetCriterion", "detr_targets"]
 
 LOSS_WEIGHTINGS = ("hard", "plan")
 #: Focal loss parameters (Deformable DETR's).
@@ -41,43 +37,14 @@ FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 
 
-def detr_targets(batch: Mapping) -> list[dict[str, Tensor]]:
-    """DETR targets from a collated batch: per image ``labels [n]`` and ``boxes [n, 4]``,
-    cxcywh normalised by the image's unpadded size."""
-    out = []
-    for boxes, labels, mask, (h, w) in zip(
-        batch["gt_boxes"], batch["gt_labels"], batch["gt_mask"], batch["image_sizes"], strict=True
-    ):
-        scale = torch.stack([w, h, w, h]).to(boxes.dtype)
-        out.append({"labels": labels[mask], "boxes": box_xyxy_to_cxcywh(boxes[mask]) / scale})
-    return out
-
-
-def plan_from_pairs(pairs: Sequence[tuple[Tensor, Tensor]], B: int, Q: int, G: int) -> Tensor:
-    """A 0/1 plan ``[B, Q, G]`` from DETR-style ``(pred_idx, gt_idx)`` pairs."""
-    plan = torch.zeros(B, Q, G)
-    for b, (i, j) in enumerate(pairs):
-        plan[b, i, j] = 1.0
-    return plan
-
-
-def _num_boxes(targets, device) -> Tensor:
-    n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return n.clamp_min(1.0)
-
-
-def _focal_terms(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Sigmoid focal loss summed over classes, ``[B, Q]`` against the all-zero target and
-    ``[B, Q, G]`` against each target's one-hot class."""
-    p = logits.sigmoid()
-    neg = (1 - FOCAL_ALPHA) * p**FOCAL_GAMMA * F.softplus(logits)  # -log(1 - p) = softplus(x)
-    pos = FOCAL_ALPHA * (1 - p) ** FOCAL_GAMMA * F.softplus(-logits)  # -log p
-    background = neg.sum(-1)  # [B, Q]
-    index = labels.unsqueeze(1).expand(-1, logits.shape[1], -1)  # [B, Q, G]
-    return background, background.unsqueeze(-1) + (pos - neg).gather(2, index)
+def detr_targets(batch: Mapping) -> SetTargets:
+    """A collated batch's ground truths as DETR targets, padded: boxes cxcywh normalised by
+    each image's unpadded size (``gt_boxes`` are xyxy pixels of it)."""
+    h, w = batch["image_sizes"].unbind(-1)  # [B]
+    scale = torch.stack([w, h, w, h], -1)[:, None, :].to(batch["gt_boxes"].dtype)  # [B, 1, 4]
+    boxes = box_xyxy_to_cxcywh(batch["gt_boxes"]) / scale
+    boxes = torch.where(batch["gt_mask"][..., None], boxes, boxes.new_tensor([0.5, 0.5, 1, 1]))
+    return SetTargets(batch["gt_labels"], boxes, batch["gt_mask"])
 
 
 class SetCriterion(nn.Module):
@@ -85,22 +52,22 @@ class SetCriterion(nn.Module):
 
     Args:
         num_classes: K (the no-object class is K for softmax models).
-        matcher: a :class:`~uotmatch.detection.HungarianMatcher` or
-            :class:`~uotmatch.detection.UOTMatcher`; with ``loss_weighting="plan"`` a UOT matcher
-            gives its soft plan, a Hungarian one its 0/1 matching.
+        matcher: any :class:`~uotmatch.detection.SetMatcher` (Hungarian or UOT); its
+            ``solve`` gives the plan.
         weight_dict: ``loss name -> weight`` for the final layer's terms (``loss_ce``,
             ``loss_bbox``, ``loss_giou``); auxiliary layers get the same weights.
         eos_coef: weight of the no-object class in the cross-entropy.
         losses: names in ``loss_map`` to compute.
-        loss_weighting: ``"hard"`` or ``"plan"``.
+        loss_weighting: ``"hard"`` (the decoded pairs) or ``"plan"`` (the matcher's plan).
         focal: sigmoid focal classification (the model has K logits, no no-object).
     """
 
     def __init__(
         self,
         num_classes: int,
-        matcher: HungarianMatcher | UOTMatcher,
+        matcher: SetMatcher,
         weight_dict: Mapping[str, float],
+        *,
         eos_coef: float = 0.1,
         losses: Sequence[str] = ("labels", "boxes", "cardinality"),
         loss_weighting: str = "hard",
@@ -110,6 +77,12 @@ class SetCriterion(nn.Module):
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(
                 f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}"
+            )
+        if not isinstance(matcher, SetMatcher):
+            raise ValueError(f"matcher must be a SetMatcher, got {type(matcher).__name__}")
+        if matcher.focal != focal:
+            raise ValueError(
+                f"the matcher's focal ({matcher.focal}) and the criterion's ({focal}) must agree"
             )
         self.loss_map = {
             "labels": self.loss_labels,
@@ -125,79 +98,56 @@ class SetCriterion(nn.Module):
         self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, dict(weight_dict)
         self.eos_coef, self.losses = eos_coef, tuple(losses)
         self.loss_weighting, self.focal = loss_weighting, focal
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = eos_coef
-        self.register_buffer("empty_weight", empty_weight)
 
     # -- matching ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def match(self, outputs: Mapping, targets) -> tuple[Tensor, Tensor] | list:
-        """Hard: the matcher's pairs. Plan: ``(plan [B, Q, G], background share [B, Q])``."""
+    def match(self, outputs: Mapping, targets: SetTargets) -> tuple[Tensor, Tensor]:
+        """``(plan [B, Q, G], background share [B, Q])``: the matcher's plan, or (``"hard"``)
+        the 0/1 plan of its decoded pairs (each query to the target holding the largest share
+        of its row)."""
+        m = self.matcher.solve(outputs, targets)
+        plan = m.plan.to(outputs["pred_logits"].device, torch.float32)
+        G = targets.labels.shape[1]
         if self.loss_weighting == "hard":
-            return self.matcher(outputs, targets)
-        B, Q = outputs["pred_logits"].shape[:2]
-        G = max((len(t["labels"]) for t in targets), default=0)
-        device = outputs["pred_logits"].device
-        if isinstance(self.matcher, UOTMatcher):
-            m = self.matcher.solve(outputs, targets)
-            plan = m.plan.float()
-            if m.has_background:
-                return plan[..., :G], plan[..., G]
-            return plan, (1 - plan.sum(-1)).clamp_min(0)
-        plan = plan_from_pairs(self.matcher(outputs, targets), B, Q, G).to(device)
-        return plan, 1 - plan.sum(-1)
+            assign = m.assignment().to(plan.device)  # [B, Q], -1 for background
+            hard = F.one_hot(assign + 1, G + 1).to(plan.dtype)  # background first
+            return hard[..., 1:], hard[..., 0]
+        if m.has_background:
+            return plan[..., :G], plan[..., G]
+        return plan, (1 - plan.sum(-1)).clamp_min(0)
 
-    # -- losses (hard: matched pairs; plan: every pair weighted by the plan) ----------------------
+    # -- losses: every pair weighted by the plan, a query's background share by itself ------------
 
     def loss_labels(self, outputs, targets, matching, num_boxes) -> dict[str, Tensor]:
         logits = outputs["pred_logits"].float()  # [B, Q, K(+1)]
-        B, Q = logits.shape[:2]
-        labels, _, _ = pad_targets(targets, device=logits.device)  # [B, G]
-        if self.loss_weighting == "plan":
-            plan, background = matching
-            if self.focal:
-                bg, pair = _focal_terms(logits, labels)
-                total = (plan * pair).sum() + (background * bg).sum()
-                return {"loss_ce": total / num_boxes}
+        plan, background = matching
+        if self.focal:
+            pos = sigmoid_focal_loss(logits, torch.ones_like(logits), FOCAL_ALPHA, FOCAL_GAMMA)
+            neg = sigmoid_focal_loss(logits, torch.zeros_like(logits), FOCAL_ALPHA, FOCAL_GAMMA)
+            pair, bg = one_hot_terms(pos, neg, targets.labels)
+            out = {"loss_ce": ((plan * pair).sum() + (background * bg).sum()) / num_boxes}
+        else:
             logp = logits.log_softmax(-1)
-            index = labels.unsqueeze(1).expand(-1, Q, -1)
-            ce_pair = -logp.gather(2, index)  # [B, Q, G], class weight 1
-            ce_bg = -logp[..., -1]  # [B, Q], weight eos_coef
+            ce_pair = -logp.gather(2, targets.labels[:, None, :].expand_as(plan))  # [B, Q, G]
+            ce_bg = -logp[..., -1]  # [B, Q], class weight eos_coef
             num = (plan * ce_pair).sum() + self.eos_coef * (background * ce_bg).sum()
             den = plan.sum() + self.eos_coef * background.sum()
-            return {"loss_ce": num / den.clamp_min(torch.finfo(den.dtype).tiny)}
-        b, q, g = _flat_pairs(matching, logits.device)
-        classes = torch.full((B, Q), self.num_classes, dtype=torch.long, device=logits.device)
-        classes[b, q] = labels[b, g]
-        if self.focal:
-            onehot = F.one_hot(classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
-            loss = sigmoid_focal_loss(logits, onehot, FOCAL_ALPHA, FOCAL_GAMMA, reduction="sum")
-            return {"loss_ce": loss / num_boxes}
-        loss = F.cross_entropy(logits.transpose(1, 2), classes, self.empty_weight)
-        out = {"loss_ce": loss}
-        if len(b):
-            acc = (logits[b, q].argmax(-1) == labels[b, g]).float().mean()
+            out = {"loss_ce": num / den.clamp_min(torch.finfo(den.dtype).tiny)}
+        matched = plan.sum() > 0
+        if bool(matched):  # logged, as DETR's: the matched queries' top class is wrong
+            predicted = logits.argmax(-1)  # [B, Q]
+            correct = predicted[..., None] == targets.labels[:, None, :]  # [B, Q, G]
+            acc = (plan * correct).sum() / plan.sum()
             out["class_error"] = (100 * (1 - acc)).detach()
         return out
 
     def loss_boxes(self, outputs, targets, matching, num_boxes) -> dict[str, Tensor]:
-        pred = outputs["pred_boxes"].float()  # [B, Q, 4]
-        _, tboxes, _ = pad_targets(targets, device=pred.device)  # [B, G, 4]
-        if self.loss_weighting == "plan":
-            plan, _ = matching
-            l1 = torch.cdist(pred, tboxes, p=1)  # [B, Q, G]
-            giou = generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(tboxes))
-            return {
-                "loss_bbox": (plan * l1).sum() / num_boxes,
-                "loss_giou": (plan * (1 - giou)).sum() / num_boxes,
-            }
-        b, q, g = _flat_pairs(matching, pred.device)
-        src, tgt = pred[b, q], tboxes[b, g]
-        giou = aligned_giou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        plan, _ = matching
+        l1, giou = detr_box_costs(outputs["pred_boxes"], targets.boxes)  # [B, Q, G]
         return {
-            "loss_bbox": F.l1_loss(src, tgt, reduction="sum") / num_boxes,
-            "loss_giou": (1 - giou).sum() / num_boxes,
+            "loss_bbox": (plan * l1).sum() / num_boxes,
+            "loss_giou": (plan * (1 - giou)).sum() / num_boxes,
         }
 
     @torch.no_grad()
@@ -209,14 +159,17 @@ class SetCriterion(nn.Module):
             count = (logits.sigmoid().amax(-1) > 0.5).sum(1)
         else:
             count = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
-        n = torch.tensor([len(t["labels"]) for t in targets], device=logits.device)
+        n = targets.mask.sum(1)
         return {"cardinality_error": (count - n).abs().float().mean()}
 
     # -- the whole criterion ---------------------------------------------------------------------
 
     def forward(self, outputs: Mapping, targets) -> dict[str, Tensor]:
-        """All loss terms, the weighted total under ``"loss"``."""
-        num_boxes = _num_boxes(targets, outputs["pred_logits"].device)
+        """All loss terms, the weighted total under ``"loss"``. ``targets``: padded
+        :class:`~uotmatch.detection.SetTargets` (padded once here when DETR's list of dicts)."""
+        device = outputs["pred_logits"].device
+        targets = SetTargets.coerce(targets, device)
+        num_boxes = global_count(targets.mask.sum())
         layers = [("", outputs)] + [
             (f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))
         ]
@@ -233,11 +186,3 @@ class SetCriterion(nn.Module):
         weights = {key + suffix: w for key, w in self.weight_dict.items() for suffix, _ in layers}
         losses["loss"] = sum(weights[key] * v for key, v in losses.items() if key in weights)
         return losses
-
-
-def _flat_pairs(pairs, device) -> tuple[Tensor, Tensor, Tensor]:
-    """``(batch, query, target)`` index vectors of all matched pairs."""
-    b = torch.cat([torch.full_like(i, k) for k, (i, _) in enumerate(pairs)]).to(device)
-    q = torch.cat([i for i, _ in pairs]).to(device)
-    g = torch.cat([j for _, j in pairs]).to(device)
-    return b, q, g

@@ -31,11 +31,21 @@ from detectors.common.config import parse_config
 from detectors.common.trainer import TrainConfig, datasets, fit, setup
 from detectors.detr.criterion import LOSS_WEIGHTINGS, SetCriterion, detr_targets
 from detectors.detr.model import DETR
-from uotmatch.detection import HungarianMatcher, UOTMatcher
+from uotmatch.detection import MATCHERS, build_matcher, options_of
 
-__all__ = ["DETRConfig", "PRESETS", "build_criterion", "build_model", "detr_inputs", "main"]
+__all__ = [
+    "DETRConfig",
+    "MATCHER_FIELDS",
+    "PRESETS",
+    "build_criterion",
+    "build_model",
+    "detr_inputs",
+    "main",
+]
 
-MATCHERS = ("hungarian", "uot")
+#: The config fields that are matcher options: passed only when given (or set by a preset); one
+#: the chosen matcher does not take is an error.
+MATCHER_FIELDS = ("eps", "tau1", "tau2", "background_cost", "normalize_cost")
 #: The UOT paper's eps0 in eps = eps0 / (log(2 Q) + 1), on a cost normalised by its maximum.
 PAPER_EPS0 = 0.12
 
@@ -77,13 +87,24 @@ class DETRConfig(TrainConfig):
     preset: str = field(
         default="", metadata={"help": "named setting (fixes its fields)", "choices": ("", *PRESETS)}
     )
-    matcher: str = field(default="hungarian", metadata={"help": "matching", "choices": MATCHERS})
-    eps: float = field(default=0.05, metadata={"help": "uot: entropic regularisation"})
-    tau1: float = field(default=math.inf, metadata={"help": "uot: prediction marginal penalty"})
-    tau2: float = field(default=math.inf, metadata={"help": "uot: target marginal penalty"})
-    background_cost: float = field(default=0.0, metadata={"help": "uot: background cost"})
-    normalize_cost: bool = field(
-        default=False, metadata={"help": "uot: divide each image's cost by its maximum"}
+    matcher: str = field(
+        default="hungarian", metadata={"help": "matching", "choices": tuple(MATCHERS)}
+    )
+    eps: float | None = field(
+        default=None, metadata={"help": "uot: entropic regularisation", "default_help": "0.05"}
+    )
+    tau1: float | None = field(
+        default=None, metadata={"help": "uot: prediction marginal penalty", "default_help": "inf"}
+    )
+    tau2: float | None = field(
+        default=None, metadata={"help": "uot: target marginal penalty", "default_help": "inf"}
+    )
+    background_cost: float | None = field(
+        default=None, metadata={"help": "uot: background cost", "default_help": "0"}
+    )
+    normalize_cost: bool | None = field(
+        default=None,
+        metadata={"help": "uot: divide each image's cost by its maximum", "default_help": "off"},
     )
     loss_weighting: str = field(
         default="hard", metadata={"help": "pairs or plan-weighted", "choices": LOSS_WEIGHTINGS}
@@ -114,6 +135,24 @@ class DETRConfig(TrainConfig):
             self._apply_preset(PRESETS[self.preset])
         if self.num_queries < 1:
             raise ValueError(f"--num-queries must be >= 1, got {self.num_queries}")
+        given = {name: getattr(self, name) for name in MATCHER_FIELDS}
+        given = {name: v for name, v in given.items() if v is not None}
+        takes = options_of(MATCHERS[self.matcher])
+        wrong = [name for name in given if name not in takes]
+        if wrong:
+            flags = ", ".join("--" + n.replace("_", "-") for n in MATCHER_FIELDS if n in takes)
+            raise ValueError(
+                f"--{wrong[0].replace('_', '-')} does not apply to --matcher {self.matcher} "
+                f"(its options here: {flags})"
+            )
+        self.matcher_options = {
+            **given,
+            "cost_class": self.set_cost_class,
+            "cost_bbox": self.set_cost_bbox,
+            "cost_giou": self.set_cost_giou,
+            "focal": self.focal,
+        }
+        build_matcher(self.matcher, **self.matcher_options)  # every value checked now
 
     def _apply_preset(self, preset: dict) -> None:
         """Set the preset's fields. On the command line a field given explicitly is checked by
@@ -150,25 +189,6 @@ def build_model(cfg: DETRConfig, num_classes: int) -> DETR:
     )
 
 
-def build_matcher(cfg: DETRConfig) -> HungarianMatcher | UOTMatcher:
-    costs = {
-        "cost_class": cfg.set_cost_class,
-        "cost_bbox": cfg.set_cost_bbox,
-        "cost_giou": cfg.set_cost_giou,
-        "focal": cfg.focal,
-    }
-    if cfg.matcher == "hungarian":
-        return HungarianMatcher(**costs)
-    return UOTMatcher(
-        eps=cfg.eps,
-        tau1=cfg.tau1,
-        tau2=cfg.tau2,
-        background_cost=cfg.background_cost,
-        normalize=cfg.normalize_cost,
-        **costs,
-    )
-
-
 def build_criterion(cfg: DETRConfig, num_classes: int) -> SetCriterion:
     weights = {
         "loss_ce": cfg.ce_loss_coef,
@@ -177,7 +197,7 @@ def build_criterion(cfg: DETRConfig, num_classes: int) -> SetCriterion:
     }
     return SetCriterion(
         num_classes,
-        build_matcher(cfg),
+        build_matcher(cfg.matcher, **cfg.matcher_options),
         weights,
         eos_coef=cfg.eos_coef,
         loss_weighting=cfg.loss_weighting,
@@ -196,7 +216,12 @@ def title(cfg: DETRConfig) -> str:
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(DETRConfig, argv, description=__doc__.split("\n\n")[0])
+    cfg = parse_config(
+        DETRConfig,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        prog="python -m detectors.detr.train",
+    )
     device, distributed = setup(cfg)
     train_set, val_set = datasets(cfg)
     model = build_model(cfg, train_set.num_classes).to(device)

@@ -11,29 +11,16 @@ from torchvision.ops import FeaturePyramidNetwork, batched_nms
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from detectors.common.backbone import ResNet
+from uotmatch.detection import anchor_points
 from uotmatch.detection.boxes import ltrb_to_boxes
 
-__all__ = ["FCOS", "FCOSHead", "feature_points"]
+__all__ = ["FCOS", "FCOSHead"]
 
+#: P3-P7.
 STRIDES = (8, 16, 32, 64, 128)
 #: Initial foreground probability of the classification branch (focal-loss prior).
 PRIOR_PROB = 0.01
 GROUP_NORM_GROUPS = 32
-
-
-def feature_points(sizes: list[tuple[int, int]], strides=STRIDES, device=None):
-    """``points [A, 2]`` and ``strides [A]`` for feature maps of the given ``(h, w)`` sizes: the
-    centre of each cell, ``k * s + s // 2`` (FCOS), level after level."""
-    pts, strd = [], []
-    for (h, w), s in zip(sizes, strides, strict=True):
-        ys, xs = torch.meshgrid(
-            torch.arange(h, device=device) * s + s // 2,
-            torch.arange(w, device=device) * s + s // 2,
-            indexing="ij",
-        )
-        pts.append(torch.stack([xs.flatten(), ys.flatten()], -1).float())
-        strd.append(torch.full((h * w,), float(s), device=device))
-    return torch.cat(pts), torch.cat(strd)
 
 
 def _tower(channels: int, depth: int) -> nn.Sequential:
@@ -120,7 +107,8 @@ class FCOS(nn.Module):
         c = self.backbone(images)
         features = list(self.fpn(OrderedDict((str(i), x) for i, x in enumerate(c))).values())
         cls, ltrb, iou = self.head(features)
-        points, strides = feature_points([f.shape[-2:] for f in features], device=images.device)
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        points, strides = anchor_points(sizes, self.head.strides, device=images.device)
         return {
             "cls_logits": cls,
             "ltrb": ltrb,

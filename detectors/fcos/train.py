@@ -11,7 +11,6 @@ relative to ``DIR`` (what ``python -m detectors.data.colorboxes`` writes). ``--o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,10 +18,27 @@ import torch
 from detectors.common.backbone import build_resnet
 from detectors.common.config import parse_config
 from detectors.common.trainer import TrainConfig, datasets, fit, setup, warmup_cosine
-from detectors.fcos.loss import ASSIGNERS, FCOSLoss, build_assigner
+from detectors.fcos.loss import FCOSLoss
 from detectors.fcos.model import FCOS
+from uotmatch.detection import ASSIGNERS, SIMOTA_GEOMETRIES, build_assigner, options_of
+from uotmatch.detection._ota import DECODINGS
 
-__all__ = ["FCOSConfig", "build_model", "main"]
+__all__ = ["ASSIGNER_FIELDS", "FCOSConfig", "build_model", "main"]
+
+
+#: The config fields that are assigner options (``--eps`` ... ``--decode``): each is passed to the
+#: assigner only when given, and one the chosen assigner does not take is an error.
+ASSIGNER_FIELDS = (
+    "eps",
+    "tau1",
+    "tau2",
+    "radius",
+    "k",
+    "candidate_topk",
+    "topk",
+    "geometry",
+    "decode",
+)
 
 
 @dataclass
@@ -30,17 +46,71 @@ class FCOSConfig(TrainConfig):
     out: str = field(default="runs/fcos", metadata={"help": "output directory"})
     lr: float = field(default=0.01, metadata={"help": "SGD learning rate (cosine decay)"})
     assigner: str = field(
-        default="ota", metadata={"help": "label assignment", "choices": ASSIGNERS}
+        default="ota", metadata={"help": "label assignment", "choices": tuple(ASSIGNERS)}
     )
-    momentum: float = 0.9
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     channels: int = field(default=64, metadata={"help": "FPN and head width"})
     head_depth: int = field(default=2, metadata={"help": "convs per head tower (FCOS: 4)"})
-    eps: float = field(default=0.1, metadata={"help": "ota/uot entropic regularisation"})
-    tau1: float = field(default=math.inf, metadata={"help": "uot: anchor marginal penalty"})
-    tau2: float = field(default=math.inf, metadata={"help": "uot: ground-truth marginal penalty"})
-    radius: float = field(default=0.0, metadata={"help": "centre radius in strides (0: default)"})
-    k: float = field(default=0.0, metadata={"help": "ota/uot fixed k (0: dynamic k)"})
-    q: int = field(default=0, metadata={"help": "ota/uot/simota top-q for dynamic k (0: default)"})
+    eps: float | None = field(
+        default=None, metadata={"help": "ota, uot: entropic regularisation", "default_help": "0.1"}
+    )
+    tau1: float | None = field(
+        default=None, metadata={"help": "uot: anchor marginal penalty", "default_help": "inf"}
+    )
+    tau2: float | None = field(
+        default=None, metadata={"help": "uot: ground-truth marginal penalty", "default_help": "inf"}
+    )
+    radius: float | None = field(
+        default=None,
+        metadata={
+            "help": "fcos, simota, ota, uot: centre radius in strides",
+            "default_help": "fcos 1.5, simota per --geometry, ota/uot 2.5",
+        },
+    )
+    k: float | None = field(
+        default=None, metadata={"help": "ota, uot: fixed k", "default_help": "dynamic k"}
+    )
+    candidate_topk: int | None = field(
+        default=None,
+        metadata={
+            "help": "simota, ota, uot: top IoUs summed for the dynamic k",
+            "default_help": "simota 10, ota/uot 20",
+        },
+    )
+    topk: int | None = field(
+        default=None, metadata={"help": "atss: candidates per level", "default_help": "9"}
+    )
+    geometry: str | None = field(
+        default=None,
+        metadata={
+            "help": "simota: candidate geometry",
+            "choices": tuple(SIMOTA_GEOMETRIES),
+            "default_help": "yolox-0.3",
+        },
+    )
+    decode: str | None = field(
+        default=None,
+        metadata={
+            "help": "ota, uot: plan decoding",
+            "choices": DECODINGS,
+            "default_help": "official",
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        given = {name: getattr(self, name) for name in ASSIGNER_FIELDS}
+        given = {name: v for name, v in given.items() if v is not None}
+        takes = options_of(ASSIGNERS[self.assigner])
+        wrong = [name for name in given if name not in takes]
+        if wrong:
+            flags = ", ".join("--" + n.replace("_", "-") for n in ASSIGNER_FIELDS if n in takes)
+            raise ValueError(
+                f"--{wrong[0].replace('_', '-')} does not apply to --assigner {self.assigner} "
+                f"(its options here: {flags or 'none'})"
+            )
+        self.assigner_options = given
+        build_assigner(self.assigner, **given)  # every value checked now, not at the first step
 
 
 def build_model(cfg: FCOSConfig, num_classes: int) -> FCOS:
@@ -49,21 +119,16 @@ def build_model(cfg: FCOSConfig, num_classes: int) -> FCOS:
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(FCOSConfig, argv, description=__doc__.split("\n\n")[0])
+    cfg = parse_config(
+        FCOSConfig,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        prog="python -m detectors.fcos.train",
+    )
     device, distributed = setup(cfg)
     train_set, val_set = datasets(cfg)
     model = build_model(cfg, train_set.num_classes).to(device)
-    criterion = FCOSLoss(
-        build_assigner(
-            cfg.assigner,
-            eps=cfg.eps,
-            tau1=cfg.tau1,
-            tau2=cfg.tau2,
-            radius=cfg.radius or None,
-            k=cfg.k or None,
-            q=cfg.q or None,
-        )
-    )
+    criterion = FCOSLoss(build_assigner(cfg.assigner, **cfg.assigner_options))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay

@@ -57,21 +57,21 @@ for tau2 in taus:
     rows.append(summary(m))
     print(f"tau2={tau2:<6g} matched per gt {rows[-1][0]}  iterations {int(m.iterations)}")
 
-fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+fig, axes = plt.subplots(3, 1, figsize=(7, 9), sharex=True)  # readable at the page's width
 xs = range(len(taus))
 labels = [("∞" if math.isinf(t) else f"{t:g}") for t in taus]
 counts = torch.tensor([r[0] for r in rows]).T
 for j, c in enumerate(counts):
     axes[0].plot(xs, c, marker="o", label=f"gt {j}")
 axes[0].set_ylabel("predictions decoded to the gt")
-axes[0].legend(fontsize=7)
+axes[0].legend(fontsize=9, ncol=2)
 axes[1].plot(xs, [r[1] for r in rows], marker="o")
 axes[1].set_ylabel("plan entropy")
 axes[2].plot(xs, [r[2] for r in rows], marker="o")
 axes[2].set_ylabel("transport cost <C, P>")
 for ax in axes:
-    ax.set_xticks(list(xs), labels, fontsize=7)
-    ax.set_xlabel("τ2")
+    ax.set_xticks(list(xs), labels, fontsize=11)
+axes[-1].set_xlabel("τ2", fontsize=12)
 fig.tight_layout()
 plt.show()
 
@@ -89,7 +89,7 @@ for eps in epss:
     agree.append(float((m.assignment() == exact).float().mean()))
     print(f"eps={eps:<6g} entropy {rows[-1][1]:7.2f}  agreement with Hungarian {agree[-1]:.2f}")
 
-fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+fig, axes = plt.subplots(3, 1, figsize=(7, 9), sharex=True)
 xs = range(len(epss))
 axes[0].plot(xs, [r[1] for r in rows], marker="o")
 axes[0].set_ylabel("plan entropy")
@@ -98,7 +98,7 @@ axes[1].set_ylabel("transport cost <C, P>")
 axes[2].plot(xs, agree, marker="o")
 axes[2].set_ylabel("decoded = Hungarian (fraction)")
 for ax in axes:
-    ax.set_xticks(list(xs), [f"{e:g}" for e in epss], fontsize=7)
-    ax.set_xlabel("ε")
+    ax.set_xticks(list(xs), [f"{e:g}" for e in epss], fontsize=11)
+axes[-1].set_xlabel("ε", fontsize=12)
 fig.tight_layout()
 plt.show()

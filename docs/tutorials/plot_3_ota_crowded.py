@@ -40,7 +40,7 @@ image, boxes = colorboxes.render_image(rng, SIZE, crowded=True)
 gt_boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _ in boxes], dtype=torch.float)
 gt_labels = torch.tensor([label for *_, label in boxes])
 G = len(boxes)
-points, strides = anchor_points(SIZE, SIZE)
+points, strides = anchor_points((SIZE, SIZE))
 A = len(points)
 
 g = torch.Generator().manual_seed(0)
@@ -58,17 +58,26 @@ pred_boxes = torch.where(covered[:, None], guess, torch.cat([points - half, poin
 ]
 cls_logits = torch.full((1, A, len(colorboxes.COLORS)), -4.595)  # log(0.01 / 0.99)
 cls_logits[0, covered, gt_labels[nearest[covered]]] = 2.197  # log(0.9 / 0.1)
-batch = (gt_boxes[None], gt_labels[None], torch.ones(1, G, dtype=torch.bool))
+inputs = dict(  # the keyword arguments every dense assigner takes
+    points=points,
+    strides=strides,
+    cls_logits=cls_logits,
+    pred_boxes=pred_boxes,
+    gt_boxes=gt_boxes[None],
+    gt_labels=gt_labels[None],
+    gt_mask=torch.ones(1, G, dtype=torch.bool),
+)
 print(f"{G} ground truths, {A} anchor points, {int(covered.sum())} inside a box")
 
 # %%
 # Four assignments
 # ----------------
+# Every assigner takes the same call (FCOS and ATSS read the geometry alone).
 results = {
-    "FCOS (centre sampling)": FCOSAssigner()(points, strides, *batch),
-    "ATSS": ATSSAssigner()(points, strides, *batch),
-    "SimOTA": SimOTAAssigner()(points, strides, cls_logits, pred_boxes, *batch),
-    "OTA": OTAAssigner()(points, strides, cls_logits, pred_boxes, *batch),
+    "FCOS (centre sampling)": FCOSAssigner()(**inputs),
+    "ATSS": ATSSAssigner()(**inputs),
+    "SimOTA": SimOTAAssigner()(**inputs),
+    "OTA": OTAAssigner()(**inputs),
 }
 
 # %%
@@ -82,8 +91,8 @@ results = {
 # truths and background); we count those too, on the plan that
 # :class:`~uotmatch.detection.OTAAssigner` solves, rebuilt from its costs and supplies.
 ota = OTAAssigner()
-cost, background, ious, candidate = ota.costs(points, strides, cls_logits, pred_boxes, *batch)
-k = ota.supplies(ious, candidate, batch[2])
+cost, background, ious, candidate = ota.costs(**inputs)
+k = ota.supplies(ious, candidate, inputs["gt_mask"])
 plan = uotmatch.match(cost, ota.eps, b=k, background_cost=background).plan[0]  # [A, G + 1]
 contested = candidate[0].sum(-1) >= 2
 split = plan.amax(-1) < 0.9
@@ -107,19 +116,19 @@ print(
 # good), and it decides the contested ones by the global cost of all boxes together; those with
 # no clear owner keep a split plan. Train a detector (``python -m detectors.fcos.train
 # --assigner ota``) and run this with its predictions to see the assignment it learns from.
-fig, axes = plt.subplots(1, 4, figsize=(16, 4.5))
-for ax, (name, r) in zip(axes, results.items(), strict=True):
+fig, axes = plt.subplots(2, 2, figsize=(9, 9.4))  # readable at the page's width
+for ax, (name, r) in zip(axes.flat, results.items(), strict=True):
     ax.imshow(image, alpha=0.45)  # dimmed, so the points stand out
     for (x1, y1, x2, y2), label in zip(gt_boxes.tolist(), gt_labels.tolist(), strict=True):
         rgb = np.array(colorboxes.COLORS[label][1]) / 255
         ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=rgb, lw=1))
     index = r.gt_index[0]
     bg = index < 0
-    ax.scatter(*points[bg].T, s=2, c="0.6")
+    ax.scatter(*points[bg].T, s=3, c="0.6")
     colours = np.array([colorboxes.COLORS[int(gt_labels[j])][1] for j in index[~bg]]) / 255
-    ax.scatter(*points[~bg].T, s=14, c=colours.reshape(-1, 3), edgecolors="black", linewidths=0.4)
+    ax.scatter(*points[~bg].T, s=22, c=colours.reshape(-1, 3), edgecolors="black", linewidths=0.5)
     n_contested = int((contested & r.fg_mask[0]).sum())
-    ax.set_title(f"{name}\n{int(r.num_fg[0])} foreground, {n_contested} contested", fontsize=9)
+    ax.set_title(f"{name}: {int(r.num_fg[0])} foreground, {n_contested} contested", fontsize=12)
     ax.set_axis_off()
 fig.tight_layout()
 plt.show()

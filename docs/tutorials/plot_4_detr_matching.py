@@ -50,7 +50,7 @@ outputs = {
 # matcher is exactly Hungarian.
 hungarian = HungarianMatcher(cost_class=2, cost_bbox=5, cost_giou=2)
 eps = 0.12 / (math.log(2 * 12) + 1)
-uot = UOTMatcher(eps=eps, normalize=True, cost_class=2, cost_bbox=5, cost_giou=2)
+uot = UOTMatcher(eps=eps, normalize_cost=True, cost_class=2, cost_bbox=5, cost_giou=2)
 pairs = hungarian(outputs, targets)[0]
 m = uot.solve(outputs, targets)
 
@@ -89,7 +89,7 @@ targets = []
 for n in torch.randint(1, 31, (B,), generator=g).tolist():
     boxes = torch.rand(n, 4, generator=g) * 0.5 + 0.25
     targets.append({"labels": torch.randint(0, 20, (n,), generator=g), "boxes": boxes})
-uot = UOTMatcher(eps=0.12 / (math.log(2 * Q) + 1), normalize=True, cost_class=2)
+uot = UOTMatcher(eps=0.12 / (math.log(2 * Q) + 1), normalize_cost=True, cost_class=2)
 for name, matcher in (("HungarianMatcher", hungarian), ("UOTMatcher", uot)):
     matcher(outputs, targets)  # warm-up
     start = time.perf_counter()

@@ -8,7 +8,7 @@ import torch
 from uotmatch.detection import anchor_points
 from uotmatch.detection.boxes import ltrb_to_boxes
 
-__all__ = ["anchor_points", "scene"]
+__all__ = ["KEYS", "anchor_points", "as_inputs", "scene"]
 
 
 def scene(
@@ -25,7 +25,7 @@ def scene(
     """A random batch: points, strides, logits ``[B, A, K]``, predicted boxes ``[B, A, 4]``,
     padded ground truths (image i has ``G - i`` of them) with their mask."""
     g = torch.Generator().manual_seed(seed)
-    points, strd = anchor_points(height, width, strides)
+    points, strd = anchor_points((height, width), strides)
     A = len(points)
     size = torch.rand(B, G, 2, generator=g) * (max_size - min_size) + min_size
     ctr = torch.rand(B, G, 2, generator=g) * torch.tensor([width, height])
@@ -38,3 +38,12 @@ def scene(
     pred_boxes = ltrb_to_boxes(points[None], ltrb)
     logits = torch.randn(B, A, K, generator=g) * 2 - 2
     return points, strd, logits, pred_boxes, gt_boxes, gt_labels, gt_mask
+
+
+#: The dense assigners' keyword arguments, in the order ``scene`` returns them.
+KEYS = ("points", "strides", "cls_logits", "pred_boxes", "gt_boxes", "gt_labels", "gt_mask")
+
+
+def as_inputs(*values) -> dict:
+    """``scene``'s tuple (or its leading part) as the assigners' keyword arguments."""
+    return dict(zip(KEYS, values, strict=False))

@@ -109,4 +109,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\] must be \[3, 4\]"):
         UOTMatcher()(outputs, bad)
     with pytest.raises(ValueError, match="cannot all be 0"):
-        HungarianMatcher(0, 0, 0)
+        HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.detection.scenes import anchor_points, scene
+from tests.detection.scenes import anchor_points, as_inputs, scene
 from uotmatch.detection import OTAAssigner, UOTAssigner
 
 INF = math.inf
@@ -17,7 +17,7 @@ INF = math.inf
 
 def test_hand_built_scene_fixed_k():
     """Two boxes, each with two anchors that predict it well: with k = 2 those are assigned."""
-    points, strides = anchor_points(64, 64, strides=(8,))  # 8 x 8 points at 4, 12, ..., 60
+    points, strides = anchor_points((64, 64), strides=(8,))  # 8 x 8 points at 4, 12, ..., 60
     gt_boxes = torch.tensor([[[0.0, 0.0, 32.0, 32.0], [32.0, 32.0, 64.0, 64.0]]])
     gt_labels = torch.tensor([[1, 3]])
     A = len(points)
@@ -29,7 +29,7 @@ def test_hand_built_scene_fixed_k():
             i = int(((points[:, 0] == x) & (points[:, 1] == y)).nonzero())
             logits[0, i, gt_labels[0, j]] = 6.0
             pred[0, i] = gt_boxes[0, j]
-    r = OTAAssigner(k=2)(points, strides, logits, pred, gt_boxes, gt_labels)
+    r = OTAAssigner(k=2)(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels))
     for j, pts in good.items():
         for x, y in pts:
             i = int(((points[:, 0] == x) & (points[:, 1] == y)).nonzero())
@@ -42,9 +42,7 @@ def test_hand_built_scene_fixed_k():
 
 def _dense_problem(assigner, inputs):
     points, strides, logits, pred, gt_boxes, gt_labels, gt_mask = inputs
-    cost, bg, ious, cand = assigner.costs(
-        points, strides, logits, pred, gt_boxes, gt_labels, gt_mask
-    )
+    cost, bg, ious, cand = assigner.costs(**as_inputs(*inputs))
     return cost, bg, assigner.supplies(ious, cand, gt_mask)
 
 
@@ -53,7 +51,7 @@ def test_small_eps_equals_exact_transport(seed):
     """eps -> 0: the assignment is the exact OT solution (POT's network simplex)."""
     inputs = scene(seed, B=2, height=64, width=64, G=3, strides=(8, 16))
     assigner = OTAAssigner(eps=0.01, tol=1e-7, max_iter=20000)
-    result = assigner(*inputs)
+    result = assigner(**as_inputs(*inputs))
     cost, bg, k = _dense_problem(assigner, inputs)
     gt_mask = inputs[-1]
     for b in range(2):
@@ -70,8 +68,8 @@ def test_small_eps_equals_exact_transport(seed):
 @given(st.integers(0, 10_000), st.sampled_from([None, 3.0]))
 def test_compaction_gives_the_dense_assignment(seed, k):
     inputs = scene(seed, B=3, G=5)
-    compact = OTAAssigner(k=k, tol=1e-6)(*inputs)
-    dense = OTAAssigner(k=k, tol=1e-6, compact=False)(*inputs)
+    compact = OTAAssigner(k=k, tol=1e-6)(**as_inputs(*inputs))
+    dense = OTAAssigner(k=k, tol=1e-6, candidates_only=False)(**as_inputs(*inputs))
     assert torch.equal(compact.gt_index, dense.gt_index)
     torch.testing.assert_close(compact.ious, dense.ious)
 
@@ -79,7 +77,7 @@ def test_compaction_gives_the_dense_assignment(seed, k):
 def test_dynamic_k_and_background_supply():
     inputs = scene(3, B=1, G=2)
     a = OTAAssigner()
-    _, _, ious, cand = a.costs(*inputs[:4], inputs[4], inputs[5], inputs[6])
+    _, _, ious, cand = a.costs(**as_inputs(*inputs))
     k = a.supplies(ious, cand, inputs[6])
     top = (ious * cand).topk(20, dim=1).values.sum(1).floor().clamp_min(1)
     torch.testing.assert_close(k, top)
@@ -89,40 +87,40 @@ def test_dynamic_k_and_background_supply():
 def test_image_without_ground_truths():
     points, strides, logits, pred, gt_boxes, gt_labels, _ = scene(0, B=2, G=3)
     none = torch.zeros(2, 3, dtype=torch.bool)
-    r = OTAAssigner()(points, strides, logits, pred, gt_boxes, gt_labels, none)
+    r = OTAAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, none))
     assert (r.gt_index == -1).all() and r.num_fg.tolist() == [0, 0]
     assert torch.isfinite(r.ious).all() and torch.isfinite(r.boxes).all()
     # one image empty, the other not
     mask = torch.tensor([[True, True, False], [False, False, False]])
-    r = OTAAssigner()(points, strides, logits, pred, gt_boxes, gt_labels, mask)
+    r = OTAAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, mask))
     assert int(r.num_fg[1]) == 0 and int(r.num_fg[0]) > 0
-    r = OTAAssigner()(points, strides, logits, pred, gt_boxes[:, :0], gt_labels[:, :0])
+    r = OTAAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes[:, :0], gt_labels[:, :0]))
     assert (r.gt_index == -1).all()
 
 
 def test_tiny_ground_truth_gets_its_nearest_anchor():
-    points, strides = anchor_points(64, 64, strides=(8, 16))
+    points, strides = anchor_points((64, 64), strides=(8, 16))
     gt_boxes = torch.tensor([[[21.0, 21.0, 22.0, 22.0]]])  # 1 px: contains no point centre
     A = len(points)
     logits = torch.zeros(1, A, 2)
     pred = torch.tensor([[20.0, 20.0, 24.0, 24.0]]).repeat(1, A, 1)
-    r = OTAAssigner()(points, strides, logits, pred, gt_boxes, torch.tensor([[0]]))
+    r = OTAAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes, torch.tensor([[0]])))
     nearest = int(((points - 21.5) ** 2).sum(1).argmin())
     assert r.gt_index[0].tolist().count(0) == 1 and int(r.gt_index[0, nearest]) == 0
 
 
 def test_more_ground_truths_than_candidate_anchors():
-    points, strides = anchor_points(32, 32, strides=(16,))  # only 4 points
+    points, strides = anchor_points((32, 32), strides=(16,))  # only 4 points
     gt_boxes = torch.tensor([[[0.0, 0.0, 16.0, 16.0]] * 6])  # 6 boxes on the same corner
     gt_boxes = gt_boxes + torch.arange(6.0)[None, :, None] * 0.1
     A = len(points)
     r = OTAAssigner()(
-        points,
-        strides,
-        torch.zeros(1, A, 3),
-        torch.tensor([[0.0, 0.0, 16.0, 16.0]]).repeat(1, A, 1),
-        gt_boxes,
-        torch.zeros(1, 6, dtype=torch.long),
+        points=points,
+        strides=strides,
+        cls_logits=torch.zeros(1, A, 3),
+        pred_boxes=torch.tensor([[0.0, 0.0, 16.0, 16.0]]).repeat(1, A, 1),
+        gt_boxes=gt_boxes,
+        gt_labels=torch.zeros(1, 6, dtype=torch.long),
     )
     assert int(r.num_fg) >= 1 and (r.gt_index >= -1).all() and (r.gt_index < 6).all()
     assert torch.isfinite(r.ious).all()
@@ -130,21 +128,21 @@ def test_more_ground_truths_than_candidate_anchors():
 
 def test_half_precision_logits():
     inputs = list(scene(4, B=2, G=3))
-    r32 = OTAAssigner()(*inputs)
+    r32 = OTAAssigner()(**as_inputs(*inputs))
     inputs[2] = inputs[2].half()
     inputs[3] = inputs[3].half()
-    r16 = OTAAssigner()(*inputs)
+    r16 = OTAAssigner()(**as_inputs(*inputs))
     agree = (r16.gt_index == r32.gt_index).float().mean()
     assert agree > 0.99 and torch.isfinite(r16.ious).all()
 
 
 def test_uot_assigner_intermediate_regimes():
     inputs = scene(5, B=2, G=4)
-    ota = OTAAssigner(tol=1e-6)(*inputs)
-    near_ota = UOTAssigner(0.1, 1e4, 1e4, tol=1e-6)(*inputs)
+    ota = OTAAssigner(tol=1e-6)(**as_inputs(*inputs))
+    near_ota = UOTAssigner(eps=0.1, tau1=1e4, tau2=1e4, tol=1e-6)(**as_inputs(*inputs))
     assert (near_ota.gt_index == ota.gt_index).float().mean() > 0.98
     # tau2 -> 0: ground truths may take any number of anchors: each anchor to its cheapest column
-    loose = UOTAssigner(0.1, INF, 0.0)(*inputs)
+    loose = UOTAssigner(eps=0.1, tau1=INF, tau2=0.0, decode="argmax")(**as_inputs(*inputs))
     assigner = OTAAssigner()
     cost, bg, _ = _dense_problem(assigner, inputs)
     full = torch.cat([cost.masked_fill(~inputs[6][:, None], INF), bg[..., None]], -1)
@@ -156,12 +154,15 @@ def test_uot_assigner_intermediate_regimes():
 def test_bad_input():
     points, strides, logits, pred, gt_boxes, gt_labels, gt_mask = scene(0)
     with pytest.raises(ValueError, match=r"points must be \[A, 2\]"):
-        OTAAssigner()(points[:, :1], strides, logits, pred, gt_boxes, gt_labels)
+        OTAAssigner()(**as_inputs(points[:, :1], strides, logits, pred, gt_boxes, gt_labels))
     with pytest.raises(ValueError, match=r"pred_boxes must be \[B, A, 4\]"):
-        OTAAssigner()(points, strides, logits, pred[:, :5], gt_boxes, gt_labels)
-    with pytest.raises(ValueError, match=r"gt_labels must be in \[0, 5\)"):
-        OTAAssigner()(points, strides, logits, pred, gt_boxes, gt_labels + 10)
-    with pytest.raises(ValueError, match="OTAAssigner is balanced"):
+        OTAAssigner()(**as_inputs(points, strides, logits, pred[:, :5], gt_boxes, gt_labels))
+    with pytest.raises(
+        ValueError,
+        match=r"gt_labels: image 0, ground truth 0 has label 1.: expected a class in \[0, 5\)",
+    ):
+        OTAAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels + 10))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tau1'"):
         OTAAssigner(tau1=1.0)
     with pytest.raises(ValueError, match="radius must be > 0"):
         UOTAssigner(radius=0)

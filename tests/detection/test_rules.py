@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.detection.scenes import anchor_points, scene
+from tests.detection.scenes import anchor_points, as_inputs, scene
 from uotmatch.detection import ATSSAssigner, FCOSAssigner, SimOTAAssigner
 from uotmatch.detection.boxes import box_iou
 
@@ -106,10 +106,20 @@ def atss_reference(points, strides, gt_boxes, topk=9, scale=8.0):
     return torch.where(values == -math.inf, -1, index)
 
 
+def rule_inputs(points, strides, gt_boxes, gt_labels, gt_mask=None):
+    """The protocol's inputs for the rule-based assigners that read no predictions: logits of
+    one class more than the labels need, and unit boxes at the points (unused but valid)."""
+    B = gt_boxes.shape[0]
+    K = int(gt_labels.max()) + 1 if gt_labels.numel() else 1
+    logits = torch.zeros(B, len(points), K)
+    pred = torch.cat([points - 0.5, points + 0.5], -1).expand(B, -1, -1)
+    return as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask)
+
+
 @given(st.integers(0, 10_000))
 def test_simota_equals_yolox(seed):
     points, strides, logits, pred, gt_boxes, gt_labels, gt_mask = scene(seed, B=3, G=4)
-    r = SimOTAAssigner()(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask)
+    r = SimOTAAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask))
     for b in range(3):
         real = gt_mask[b]
         ref = yolox_simota(
@@ -120,22 +130,23 @@ def test_simota_equals_yolox(seed):
 
 @given(st.integers(0, 10_000))
 def test_atss_equals_official(seed):
-    points, strides, _, _, gt_boxes, gt_labels, gt_mask = scene(seed, B=3, G=4, strides=(8, 16, 32))
-    r = ATSSAssigner()(points, strides, gt_boxes, gt_labels, gt_mask)
+    inputs = scene(seed, B=3, G=4, strides=(8, 16, 32))
+    points, strides, _, _, gt_boxes, gt_labels, gt_mask = inputs
+    r = ATSSAssigner()(**as_inputs(*inputs))
     for b in range(3):
         ref = atss_reference(points, strides, gt_boxes[b][gt_mask[b]])
         assert r.gt_index[b].tolist() == ref.tolist()
 
 
 def test_fcos_hand_built():
-    points, strides = anchor_points(256, 256, strides=(8, 16, 32))
+    points, strides = anchor_points((256, 256), strides=(8, 16, 32))
     # a 40 px box (reach <= 64: level stride 8), a 200 px box (reach 64-128: stride 16), and a
     # small box inside the big one (ambiguity: the smaller area wins)
     gt_boxes = torch.tensor(
         [[[8.0, 8.0, 48.0, 48.0], [40.0, 40.0, 240.0, 240.0], [120.0, 120.0, 152.0, 152.0]]]
     )
     gt_labels = torch.tensor([[0, 1, 2]])
-    r = FCOSAssigner(radius=1.5)(points, strides, gt_boxes, gt_labels)
+    r = FCOSAssigner(radius=1.5)(**rule_inputs(points, strides, gt_boxes, gt_labels))
 
     def at(x, y, s):
         return int(((points[:, 0] == x) & (points[:, 1] == y) & (strides == s)).nonzero())
@@ -146,16 +157,16 @@ def test_fcos_hand_built():
     assert int(r.gt_index[0, at(136, 136, 16)]) == 1  # big box, level 16 (reach 104)
     assert int(r.gt_index[0, at(12, 12, 8)]) == -1  # inside box 0 but outside its 1.5-stride centre
     # without centre sampling the corner point of box 0 is positive (reach 36 in range)
-    r_all = FCOSAssigner(radius=None)(points, strides, gt_boxes, gt_labels)
+    r_all = FCOSAssigner(radius=None)(**rule_inputs(points, strides, gt_boxes, gt_labels))
     assert int(r_all.gt_index[0, at(12, 12, 8)]) == 0
     assert r.labels[0, at(132, 132, 8)] == 2 and r.num_fg.item() == int(r.fg_mask.sum())
 
 
 def test_fcos_ambiguity_takes_the_smallest_area():
-    points, strides = anchor_points(64, 64, strides=(8,))
+    points, strides = anchor_points((64, 64), strides=(8,))
     gt_boxes = torch.tensor([[[0.0, 0.0, 64.0, 64.0], [16.0, 16.0, 48.0, 48.0]]])
     r = FCOSAssigner(radius=None, size_ranges=((0, math.inf),))(
-        points, strides, gt_boxes, torch.tensor([[0, 1]])
+        **rule_inputs(points, strides, gt_boxes, torch.tensor([[0, 1]]))
     )
     inner = (points[:, 0] > 16) & (points[:, 0] < 48) & (points[:, 1] > 16) & (points[:, 1] < 48)
     assert (r.gt_index[0][inner] == 1).all() and (r.gt_index[0][~inner] == 0).all()
@@ -163,7 +174,7 @@ def test_fcos_ambiguity_takes_the_smallest_area():
 
 def test_simota_hand_built():
     """One box; the two anchors predicting it exactly and confidently are its k cheapest."""
-    points, strides = anchor_points(64, 64, strides=(8,))
+    points, strides = anchor_points((64, 64), strides=(8,))
     gt = torch.tensor([[[16.0, 16.0, 48.0, 48.0]]])
     A = len(points)
     logits = torch.full((1, A, 3), -4.0)
@@ -175,7 +186,7 @@ def test_simota_hand_built():
     for i in good:
         logits[0, i, 1] = 4.0
         pred[0, i] = gt[0, 0]
-    r = SimOTAAssigner()(points, strides, logits, pred, gt, torch.tensor([[1]]))
+    r = SimOTAAssigner()(**as_inputs(points, strides, logits, pred, gt, torch.tensor([[1]])))
     # k = floor(1 + 1 + small IoUs) = 2
     assert sorted(torch.nonzero(r.fg_mask[0]).flatten().tolist()) == sorted(good)
     assert (r.ious[0, good] > 0.999).all()
@@ -185,18 +196,23 @@ def test_rules_handle_empty_images():
     points, strides, logits, pred, gt_boxes, gt_labels, _ = scene(0, B=2, G=2)
     none = torch.zeros(2, 2, dtype=torch.bool)
     for result in (
-        SimOTAAssigner()(points, strides, logits, pred, gt_boxes, gt_labels, none),
-        FCOSAssigner()(points, strides, gt_boxes, gt_labels, none),
-        ATSSAssigner()(points, strides, gt_boxes, gt_labels, none),
+        SimOTAAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, none)),
+        FCOSAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, none)),
+        ATSSAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, none)),
     ):
         assert (result.gt_index == -1).all() and result.num_fg.tolist() == [0, 0]
 
 
 def test_fcos_needs_a_size_range_per_level():
-    points, strides = anchor_points(64, 64, strides=(8, 16))
+    points, strides = anchor_points((64, 64), strides=(8, 16))
     with pytest.raises(ValueError, match="2 feature levels .* but only 1 size_ranges"):
         FCOSAssigner(size_ranges=((0, 64),))(
-            points, strides, torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long)
+            **rule_inputs(
+                points,
+                strides,
+                torch.tensor([[[0.0, 0, 8, 8]]]),
+                torch.zeros(1, 1, dtype=torch.long),
+            )
         )
 
 
@@ -211,10 +227,18 @@ def test_atss_hand_built():
     Box [0, 0, 32, 32]: the 4 points around its centre (16, 16) tie in distance and all have
     IoU 576 / 1472 = 0.391: std 0, threshold = mean, all four positive (centres inside).
     """
-    points, strides = anchor_points(64, 64, strides=(16,))
+    points, strides = anchor_points((64, 64), strides=(16,))
     atss = ATSSAssigner(topk=4, anchor_scale=2.0)
-    r = atss(points, strides, torch.tensor([[[0.0, 0.0, 48.0, 48.0]]]), torch.tensor([[0]]))
+    r = atss(
+        **rule_inputs(
+            points, strides, torch.tensor([[[0.0, 0.0, 48.0, 48.0]]]), torch.tensor([[0]])
+        )
+    )
     assert {tuple(p) for p in points[r.fg_mask[0]].tolist()} == {(24.0, 24.0)}
-    r = atss(points, strides, torch.tensor([[[0.0, 0.0, 32.0, 32.0]]]), torch.tensor([[0]]))
+    r = atss(
+        **rule_inputs(
+            points, strides, torch.tensor([[[0.0, 0.0, 32.0, 32.0]]]), torch.tensor([[0]])
+        )
+    )
     expected = {(8.0, 8.0), (24.0, 8.0), (8.0, 24.0), (24.0, 24.0)}
     assert {tuple(p) for p in points[r.fg_mask[0]].tolist()} == expected

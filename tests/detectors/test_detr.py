@@ -12,11 +12,17 @@ from detectors.common.data import collate
 from detectors.common.trainer import datasets
 from detectors.detr import evaluate as detr_evaluate
 from detectors.detr import train as detr_train
-from detectors.detr.criterion import SetCriterion, detr_targets, plan_from_pairs
+from detectors.detr.criterion import SetCriterion, detr_targets
 from detectors.detr.model import DETR, PositionEmbeddingSine
 from detectors.fcos import train as fcos_train
 from tests.detectors.helpers import TINY_RUN, linux_only, torchrun
-from uotmatch.detection import HungarianMatcher, UOTMatcher
+from uotmatch.detection import (
+    HungarianMatcher,
+    SetTargets,
+    UOTMatcher,
+    aligned_giou,
+    box_cxcywh_to_xyxy,
+)
 
 SMALL = [*TINY_RUN, "--hidden-dim", "32", "--nheads", "4", "--enc-layers", "1"]
 SMALL += ["--dec-layers", "2", "--dim-feedforward", "64", "--num-queries", "32"]
@@ -97,20 +103,63 @@ def _random_batch(seed, B=3, Q=9, K=4, focal=False):
     return out, targets
 
 
+def _detr_losses(outputs, targets, pairs, num_classes, focal, eos_coef=0.1):
+    """DETR's (and Deformable DETR's) hard losses on matched pairs, written as their code:
+    cross-entropy with the no-object class weighted eos_coef (or sigmoid focal over one-hot
+    targets, summed, / num_boxes), L1 and 1 - GIoU over the matched pairs, / num_boxes."""
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    B, Q = logits.shape[:2]
+    num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
+    b = torch.cat([torch.full_like(i, k) for k, (i, _) in enumerate(pairs)])
+    q = torch.cat([i for i, _ in pairs])
+    labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, pairs, strict=True)])
+    tboxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, pairs, strict=True)])
+    classes = torch.full((B, Q), num_classes, dtype=torch.long)
+    classes[b, q] = labels
+    if focal:
+        onehot = torch.nn.functional.one_hot(classes, num_classes + 1)[..., :-1].float()
+        p = logits.sigmoid()
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        p_t = p * onehot + (1 - p) * (1 - onehot)
+        alpha_t = 0.25 * onehot + 0.75 * (1 - onehot)
+        loss_ce = (alpha_t * (1 - p_t) ** 2 * ce).sum() / num_boxes
+    else:
+        weight = torch.ones(num_classes + 1)
+        weight[-1] = eos_coef
+        loss_ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), classes, weight)
+    src = boxes[b, q]
+    giou = aligned_giou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tboxes))
+    return {
+        "loss_ce": loss_ce,
+        "loss_bbox": (src - tboxes).abs().sum() / num_boxes,
+        "loss_giou": (1 - giou).sum() / num_boxes,
+    }
+
+
 @pytest.mark.parametrize("focal", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_plan_loss_equals_hard_loss_at_the_hungarian_limit(seed, focal):
+def test_plan_weighted_loss_on_a_0_1_plan_is_detrs_hard_loss(seed, focal):
+    """The criterion has one implementation of each loss, weighted by a plan. On a matching's
+    0/1 plan (Hungarian's, hard or plan weighting; UOT's at eps = 0) it is DETR's loss."""
     outputs, targets = _random_batch(seed, focal=focal)
-    hard = SetCriterion(4, HungarianMatcher(focal=focal), WEIGHTS, focal=focal)(outputs, targets)
-    # the same 0/1 matching as a plan: from the Hungarian pairs, and from UOT at eps = 0
-    via_pairs = SetCriterion(
-        4, HungarianMatcher(focal=focal), WEIGHTS, loss_weighting="plan", focal=focal
-    )(outputs, targets)
+    pairs = HungarianMatcher(focal=focal)(outputs, targets)
+    reference = _detr_losses(outputs, targets, pairs, 4, focal)
+    aux = {"pred_logits": outputs["aux_outputs"][0]["pred_logits"]}
+    aux["pred_boxes"] = outputs["aux_outputs"][0]["pred_boxes"]
+    aux_pairs = HungarianMatcher(focal=focal)(aux, targets)
+    reference_aux = _detr_losses(aux, targets, aux_pairs, 4, focal)
     uot = UOTMatcher(eps=0.0, background_cost=0.0, focal=focal)
-    via_uot = SetCriterion(4, uot, WEIGHTS, loss_weighting="plan", focal=focal)(outputs, targets)
-    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss"):
-        torch.testing.assert_close(via_pairs[key], hard[key], msg=key)
-        torch.testing.assert_close(via_uot[key], hard[key], msg=key)
+    for matcher, weighting in [
+        (HungarianMatcher(focal=focal), "hard"),
+        (HungarianMatcher(focal=focal), "plan"),
+        (uot, "plan"),
+        (uot, "hard"),
+    ]:
+        criterion = SetCriterion(4, matcher, WEIGHTS, loss_weighting=weighting, focal=focal)
+        losses = criterion(outputs, targets)
+        for key, v in reference.items():
+            torch.testing.assert_close(losses[key], v, msg=key)
+            torch.testing.assert_close(losses[key + "_0"], reference_aux[key], msg=key)
 
 
 def test_soft_plan_weights_every_pair():
@@ -124,18 +173,24 @@ def test_soft_plan_weights_every_pair():
     torch.testing.assert_close(losses["loss_bbox"], (plan[:, 0].float() * l1).sum())
 
 
-def test_plan_from_pairs_and_targets():
-    plan = plan_from_pairs([(torch.tensor([2, 0]), torch.tensor([0, 1]))], 1, 3, 2)
-    assert plan.tolist() == [[[0, 1], [0, 0], [1, 0]]]
+def test_targets_are_padded_once_from_the_batch():
     batch = {
         "gt_boxes": torch.tensor([[[0.0, 0.0, 32.0, 16.0], [0, 0, 1, 1]]]),
         "gt_labels": torch.tensor([[3, 0]]),
         "gt_mask": torch.tensor([[True, False]]),
         "image_sizes": torch.tensor([[32, 64]]),  # h, w
     }
-    (t,) = detr_targets(batch)
-    assert t["labels"].tolist() == [3]
-    torch.testing.assert_close(t["boxes"], torch.tensor([[0.25, 0.25, 0.5, 0.5]]))
+    t = detr_targets(batch)
+    assert isinstance(t, SetTargets) and t.labels.tolist() == [[3, 0]]
+    assert t.mask.tolist() == [[True, False]]
+    torch.testing.assert_close(t.boxes[0, 0], torch.tensor([0.25, 0.25, 0.5, 0.5]))
+    # the same targets as DETR's list of dicts give the same losses
+    outputs, targets = _hand_case()
+    padded = SetTargets.from_list(targets)
+    criterion = SetCriterion(1, HungarianMatcher(), WEIGHTS)
+    a, b = criterion(outputs, targets), criterion(outputs, padded)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
 
 
 @pytest.mark.parametrize(
@@ -156,7 +211,8 @@ def test_smoke_runs(data, tmp_path, extra):
     )
     assert set(metrics) >= {"AP", "AP50", "AR100"}
     state = load_checkpoint(out / "last.pth")
-    assert state["epoch"] == 1 and math.isfinite(state["config"]["eps"])
+    eps = state["config"]["eps"]  # a matcher option: stored only when given
+    assert state["epoch"] == 1 and (eps is None or math.isfinite(eps))
     again = detr_evaluate.main(["--checkpoint", str(out / "last.pth"), "--data", str(data)])
     assert again == pytest.approx(metrics)
 
@@ -223,6 +279,13 @@ def test_bad_input(data, tmp_path, capsys):
         SetCriterion(1, HungarianMatcher(), WEIGHTS, loss_weighting="soft")
     with pytest.raises(ValueError, match="weight_dict keys"):
         SetCriterion(1, HungarianMatcher(), {"loss_l2": 1.0})
+    with pytest.raises(ValueError, match="the matcher's focal .* must agree"):
+        SetCriterion(1, HungarianMatcher(focal=True), WEIGHTS)
+    # a matcher option given to a matcher that does not take it is an error, not ignored
+    for flag in (["--eps", "0.1"], ["--background-cost", "1"], ["--normalize-cost"]):
+        with pytest.raises(SystemExit):
+            detr_train.main(["--data", str(data), "--matcher", "hungarian", *flag])
+        assert f"{flag[0]} does not apply to --matcher hungarian" in capsys.readouterr().err
     # an FCOS checkpoint is not a DETR checkpoint
     fcos_out = tmp_path / "fcos"
     fcos_train.main(

@@ -6,8 +6,9 @@ import torch
 from detectors.common.backbone import ResNet
 from detectors.common.data import CocoDetection, collate, default_transforms
 from detectors.data import colorboxes
-from detectors.fcos.loss import ASSIGNERS, FCOSLoss, build_assigner
-from detectors.fcos.model import FCOS, feature_points
+from detectors.fcos.loss import FCOSLoss
+from detectors.fcos.model import FCOS
+from uotmatch.detection import ASSIGNERS, build_assigner
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,13 @@ def _model(num_classes=20):
     return FCOS(num_classes, ResNet(18, freeze_at=0), channels=32, head_depth=1)
 
 
-def test_points_match_feature_maps():
-    points, strides = feature_points([(2, 3), (1, 2)], strides=(8, 16))
-    assert points.tolist()[:3] == [[4.0, 4.0], [12.0, 4.0], [20.0, 4.0]]
-    assert points.tolist()[-1] == [24.0, 8.0] and strides.tolist() == [8.0] * 6 + [16.0] * 2
+def test_points_are_the_feature_map_cells():
+    """The model's points: one per feature-map cell, at ``k * s + s // 2`` (FCOS)."""
+    model = _model()
+    out = model(torch.zeros(1, 3, 128, 192))
+    assert out["points"].shape[0] == 16 * 24 + 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2
+    assert out["points"][:2].tolist() == [[4.0, 4.0], [12.0, 4.0]]
+    assert out["points"][-1].tolist() == [192.0, 64.0] and out["strides"][-1] == 128
 
 
 def test_outputs(tiny_batch):
@@ -38,10 +42,11 @@ def test_outputs(tiny_batch):
     assert len(dets) == 4 and all(d["boxes"].shape[-1] == 4 for d in dets)
 
 
-@pytest.mark.parametrize("name", ASSIGNERS)
+@pytest.mark.parametrize("name", list(ASSIGNERS))
 def test_every_assigner_trains(name, tiny_batch):
     model = _model()
-    assigner = build_assigner(name, tau1=10.0, tau2=10.0) if name == "uot" else build_assigner(name)
+    options = {"tau1": 10.0, "tau2": 10.0} if name == "uot" else {}
+    assigner = build_assigner(name, **options)
     criterion = FCOSLoss(assigner)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     losses = []
@@ -57,5 +62,5 @@ def test_every_assigner_trains(name, tiny_batch):
 
 
 def test_unknown_assigner():
-    with pytest.raises(ValueError, match="--assigner must be one of"):
+    with pytest.raises(ValueError, match="assigner must be one of"):
         build_assigner("nearest")

@@ -1,20 +1,43 @@
 """Detection assigners and matchers built on :func:`uotmatch.match`.
 
 Dense detectors (one row per anchor point): :class:`OTAAssigner`, :class:`UOTAssigner`,
-:class:`SimOTAAssigner`, :class:`FCOSAssigner`, :class:`ATSSAssigner`, all returning an
-:class:`AssignResult`. Set predictors (DETR): :class:`HungarianMatcher`, :class:`UOTMatcher`.
-Everything is batched over images (ground truths padded, with a mask) and runs without gradients.
+:class:`SimOTAAssigner`, :class:`FCOSAssigner`, :class:`ATSSAssigner`, all keeping the
+:class:`DenseAssigner` contract and returning an :class:`AssignResult`. Set predictors (DETR):
+:class:`HungarianMatcher`, :class:`UOTMatcher`, keeping the :class:`SetMatcher` contract. By
+name: :func:`build_assigner`, :func:`build_matcher`. Everything is batched over images (ground
+truths padded, with a mask) and runs without gradients. The costs are in
+:mod:`uotmatch.detection.costs`, the box operations in :mod:`uotmatch.detection.boxes`.
 """
 
-from uotmatch.detection._dense import AssignResult, anchor_points
+from uotmatch.detection._dense import (
+    INSIDE_MARGIN,
+    INSIDE_MARGIN_STRICT,
+    AssignResult,
+    DenseAssigner,
+    anchor_points,
+    feature_sizes,
+)
 from uotmatch.detection._matchers import (
     HungarianMatcher,
+    SetMatcher,
+    SetTargets,
     UOTMatcher,
-    pad_targets,
     set_matching_cost,
 )
-from uotmatch.detection._ota import CENTER_PRIOR_PENALTY, OTAAssigner, UOTAssigner
-from uotmatch.detection._rules import ATSSAssigner, FCOSAssigner, SimOTAAssigner
+from uotmatch.detection._ota import CENTER_PRIOR_PENALTY, OTAAssigner, UOTAssigner, decode_plan
+from uotmatch.detection._registry import (
+    ASSIGNERS,
+    MATCHERS,
+    build_assigner,
+    build_matcher,
+    options_of,
+)
+from uotmatch.detection._rules import (
+    SIMOTA_GEOMETRIES,
+    ATSSAssigner,
+    FCOSAssigner,
+    SimOTAAssigner,
+)
 from uotmatch.detection.boxes import (
     aligned_giou,
     aligned_iou,
@@ -28,25 +51,37 @@ from uotmatch.detection.boxes import (
 )
 
 __all__ = [
+    "ASSIGNERS",
     "CENTER_PRIOR_PENALTY",
+    "INSIDE_MARGIN",
+    "INSIDE_MARGIN_STRICT",
+    "MATCHERS",
+    "SIMOTA_GEOMETRIES",
     "ATSSAssigner",
-    "FCOSAssigner",
-    "SimOTAAssigner",
     "AssignResult",
-    "anchor_points",
-    "OTAAssigner",
-    "UOTAssigner",
+    "DenseAssigner",
+    "FCOSAssigner",
     "HungarianMatcher",
+    "OTAAssigner",
+    "SetMatcher",
+    "SetTargets",
+    "SimOTAAssigner",
+    "UOTAssigner",
     "UOTMatcher",
-    "pad_targets",
-    "set_matching_cost",
     "aligned_giou",
     "aligned_iou",
+    "anchor_points",
     "box_area",
     "box_cxcywh_to_xyxy",
     "box_iou",
     "box_xyxy_to_cxcywh",
+    "build_assigner",
+    "build_matcher",
+    "decode_plan",
+    "feature_sizes",
     "generalized_box_iou",
     "ltrb_to_boxes",
+    "options_of",
     "points_to_ltrb",
+    "set_matching_cost",
 ]

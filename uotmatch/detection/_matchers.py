@@ -1,58 +1,82 @@
-"""DETR-style set matchers: Hungarian (exact one-to-one) and UOT (any regime, soft plan)."""
+"""DETR-style set matchers: Hungarian (exact one-to-one) and UOT (any regime, soft plan), with
+one contract: ``matcher(outputs, targets) -> [(pred_idx, gt_idx), ...]`` as DETR's, and
+``matcher.solve(outputs, targets) -> Matching`` with the plan (Hungarian's is 0/1)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from uotmatch._match import match
+from uotmatch import _checks
+from uotmatch._match import MAX_ITER, TOL, match
 from uotmatch._result import Matching
-from uotmatch.detection.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from uotmatch.detection.costs import detr_box_costs, detr_class_cost
 
-__all__ = ["HungarianMatcher", "UOTMatcher", "pad_targets", "set_matching_cost"]
+__all__ = ["HungarianMatcher", "SetMatcher", "SetTargets", "UOTMatcher", "set_matching_cost"]
 
 Pairs = list[tuple[Tensor, Tensor]]
-#: Added inside the focal classification cost's logs (as Deformable DETR).
-FOCAL_LOG_EPS = 1e-8
+#: The padding box of :class:`SetTargets` (a valid normalised cxcywh box; never matched).
+PAD_BOX = (0.5, 0.5, 1.0, 1.0)
 
 
-def pad_targets(
-    targets: Sequence[Mapping[str, Tensor]], device=None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """DETR targets (a list of ``{"labels": [n_i], "boxes": [n_i, 4]}``) as padded tensors.
+@dataclass
+class SetTargets:
+    """DETR targets padded once per batch: ``labels [B, G]`` int64, ``boxes [B, G, 4]``
+    (normalised cxcywh, as DETR), ``mask [B, G]`` bool (True on real targets, anywhere).
 
-    Returns:
-        labels ``[B, G]`` int64 (0 in padding), boxes ``[B, G, 4]`` (padding: a unit box), mask
-        ``[B, G]`` bool (True on real targets), with ``G = max n_i``.
+    The matchers and the bundled criterion take these directly; a DETR list of dicts is
+    converted with :meth:`from_list` (what the matchers do when given one).
     """
-    if not isinstance(targets, Sequence) or isinstance(targets, (str, bytes)):
-        raise ValueError(f"targets must be a list of dicts, got {type(targets).__name__}")
-    B = len(targets)
-    sizes = []
-    for i, t in enumerate(targets):
-        if not isinstance(t, Mapping) or "labels" not in t or "boxes" not in t:
-            raise ValueError(f"targets[{i}] must be a dict with 'labels' and 'boxes'")
-        n = len(t["labels"])
-        if tuple(t["boxes"].shape) != (n, 4):
-            raise ValueError(
-                f"targets[{i}]['boxes'] must be [{n}, 4] to match its {n} labels, "
-                f"got {tuple(t['boxes'].shape)}"
-            )
-        sizes.append(n)
-    G = max(sizes, default=0)
-    labels = torch.zeros(B, G, dtype=torch.long, device=device)
-    boxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).repeat(B, G, 1)
-    mask = torch.zeros(B, G, dtype=torch.bool, device=device)
-    for i, (t, n) in enumerate(zip(targets, sizes, strict=True)):
-        labels[i, :n] = t["labels"].to(device=device, dtype=torch.long)
-        boxes[i, :n] = t["boxes"].to(device=device, dtype=boxes.dtype)
-        mask[i, :n] = True
-    return labels, boxes, mask
+
+    labels: Tensor
+    boxes: Tensor
+    mask: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @classmethod
+    def from_list(
+        cls, targets: Sequence[Mapping[str, Tensor]], device: torch.device | str | None = None
+    ) -> SetTargets:
+        """DETR's ``[{"labels": [n_i], "boxes": [n_i, 4]}, ...]`` padded to ``G = max n_i``."""
+        if not isinstance(targets, Sequence) or isinstance(targets, str | bytes):
+            raise ValueError(f"targets must be a list of dicts, got {type(targets).__name__}")
+        sizes = []
+        for i, t in enumerate(targets):
+            if not isinstance(t, Mapping) or "labels" not in t or "boxes" not in t:
+                raise ValueError(f"targets[{i}] must be a dict with 'labels' and 'boxes'")
+            if not isinstance(t["labels"], Tensor) or not isinstance(t["boxes"], Tensor):
+                raise ValueError(f"targets[{i}]['labels'] and ['boxes'] must be torch tensors")
+            n = len(t["labels"])
+            if tuple(t["boxes"].shape) != (n, 4):
+                raise ValueError(
+                    f"targets[{i}]['boxes'] must be [{n}, 4] to match its {n} labels, "
+                    f"got {tuple(t['boxes'].shape)}"
+                )
+            sizes.append(n)
+        B, G = len(targets), max(sizes, default=0)
+        labels = torch.zeros(B, G, dtype=torch.long, device=device)
+        boxes = torch.tensor(PAD_BOX, device=device).repeat(B, G, 1)
+        mask = torch.zeros(B, G, dtype=torch.bool, device=device)
+        for i, (t, n) in enumerate(zip(targets, sizes, strict=True)):
+            labels[i, :n] = t["labels"].to(device=device, dtype=torch.long)
+            boxes[i, :n] = t["boxes"].to(device=device, dtype=boxes.dtype)
+            mask[i, :n] = True
+        return cls(labels, boxes, mask)
+
+    @classmethod
+    def coerce(cls, targets, device) -> SetTargets:
+        """``targets`` as :class:`SetTargets` on ``device`` (a list of dicts is padded)."""
+        if isinstance(targets, SetTargets):
+            return targets
+        return cls.from_list(targets, device)
 
 
 def set_matching_cost(
@@ -69,63 +93,105 @@ def set_matching_cost(
 ) -> Tensor:
     """DETR's matching cost, batched: ``[B, Q, G]``.
 
-    ``cost_class * (-p(target class))`` (softmax, the no-object logit last; with ``focal``,
-    Deformable DETR's sigmoid focal cost) ``+ cost_bbox * L1(cxcywh) + cost_giou * (-GIoU)``.
+    ``cost_class * class cost`` (:func:`~uotmatch.detection.costs.detr_class_cost`: softmax
+    ``-p(target class)``, or with ``focal`` Deformable-DETR's focal cost) ``+ cost_bbox *
+    L1(cxcywh) + cost_giou * (-GIoU)``.
 
     Args:
         pred_logits: ``[B, Q, K]`` (``K`` includes no-object for softmax).
         pred_boxes: ``[B, Q, 4]`` normalised cxcywh.
         labels: ``[B, G]`` int64; boxes: ``[B, G, 4]`` normalised cxcywh.
     """
-    logits = pred_logits.float()
-    index = labels.unsqueeze(1).expand(-1, logits.shape[1], -1)  # [B, Q, G]
-    if focal:
-        prob = logits.sigmoid().gather(2, index)
-        neg = (1 - focal_alpha) * prob**focal_gamma * -(1 - prob + FOCAL_LOG_EPS).log()
-        pos = focal_alpha * (1 - prob) ** focal_gamma * -(prob + FOCAL_LOG_EPS).log()
-        cls = pos - neg
-    else:
-        cls = -logits.softmax(-1).gather(2, index)
-    pb, tb = pred_boxes.float(), boxes.float()
-    l1 = torch.cdist(pb, tb, p=1)  # [B, Q, G]
-    giou = generalized_box_iou(box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(tb))
+    cls = detr_class_cost(pred_logits, labels, focal, focal_alpha, focal_gamma)
+    l1, giou = detr_box_costs(pred_boxes, boxes)
     return cost_bbox * l1 + cost_class * cls - cost_giou * giou
 
 
-def _check_outputs(outputs: Mapping[str, Tensor], n_targets: int) -> tuple[Tensor, Tensor]:
+def _check_outputs(outputs: Mapping[str, Tensor], targets: SetTargets, focal: bool):
     if not isinstance(outputs, Mapping) or not {"pred_logits", "pred_boxes"} <= set(outputs):
         raise ValueError("outputs must be a dict with 'pred_logits' and 'pred_boxes'")
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    if not isinstance(logits, Tensor) or not isinstance(boxes, Tensor):
+        raise ValueError("outputs['pred_logits'] and outputs['pred_boxes'] must be tensors")
     if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape[-1] != 4:
         raise ValueError(
             "outputs['pred_logits'] must be [B, Q, K] and outputs['pred_boxes'] [B, Q, 4], got "
             f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
         )
-    if logits.shape[:2] != boxes.shape[:2] or logits.shape[0] != n_targets:
+    if logits.shape[:2] != boxes.shape[:2] or logits.shape[0] != len(targets):
         raise ValueError(
             f"batch and query sizes must agree: pred_logits {tuple(logits.shape[:2])}, "
-            f"pred_boxes {tuple(boxes.shape[:2])}, {n_targets} targets"
+            f"pred_boxes {tuple(boxes.shape[:2])}, {len(targets)} targets"
+        )
+    # Labels index the class logits: [0, K) with focal, [0, K - 1) with softmax (no-object last).
+    K = logits.shape[-1] - (0 if focal else 1)
+    real = targets.mask
+    bad_label = ((targets.labels < 0) | (targets.labels >= K)) & real
+    finite = torch.stack(
+        [
+            torch.isfinite(logits).all(),
+            torch.isfinite(boxes).all(),
+            (torch.isfinite(targets.boxes).all(-1) | ~real).all(),
+            ~bad_label.any(),
+        ]
+    ).tolist()
+    if not finite[0]:
+        raise ValueError("outputs['pred_logits'] must be finite (it holds NaN or inf)")
+    if not finite[1]:
+        raise ValueError("outputs['pred_boxes'] must be finite (it holds NaN or inf)")
+    if not finite[2]:
+        raise ValueError("targets: a box is not finite (NaN or inf)")
+    if not finite[3]:
+        b, g = (int(i) for i in torch.nonzero(bad_label)[0])
+        what = "focal: K sigmoid logits" if focal else "softmax: K + 1 logits, no-object last"
+        raise ValueError(
+            f"targets[{b}]['labels'][{g}] = {int(targets.labels[b, g])} is not a class of "
+            f"pred_logits ([0, {K}) for {what})"
         )
     return logits, boxes
 
 
-class _SetMatcher(nn.Module):
-    def __init__(self, cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma):
-        super().__init__()
-        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
-            raise ValueError("cost_class, cost_bbox and cost_giou cannot all be 0")
-        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
-        self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
+class SetMatcher(nn.Module):
+    """The contract of the set matchers (DETR's): ``matcher(outputs, targets)`` returns per
+    image a pair ``(pred_idx, gt_idx)`` of int64 CPU tensors sorted by prediction, and
+    ``matcher.solve(outputs, targets)`` the :class:`~uotmatch.Matching` they come from (its
+    plan ``[B, Q, G (+1)]``; the last column, when there is one, is the background).
 
-    def cost(self, outputs, targets) -> tuple[Tensor, Tensor]:
-        """The batched matching cost ``[B, Q, G]`` and the target mask ``[B, G]``."""
-        logits, boxes = _check_outputs(outputs, len(targets))
-        labels, tboxes, mask = pad_targets(targets, device=logits.device)
+    ``outputs``: ``{"pred_logits": [B, Q, K(+1)], "pred_boxes": [B, Q, 4]}`` (normalised
+    cxcywh); ``targets``: DETR's list of dicts, or :class:`SetTargets`.
+    """
+
+    def __init__(
+        self,
+        *,
+        cost_class: float,
+        cost_bbox: float,
+        cost_giou: float,
+        focal: bool,
+        focal_alpha: float,
+        focal_gamma: float,
+    ):
+        super().__init__()
+        self.cost_class = _checks.real("cost_class", cost_class, low=0.0)
+        self.cost_bbox = _checks.real("cost_bbox", cost_bbox, low=0.0)
+        self.cost_giou = _checks.real("cost_giou", cost_giou, low=0.0)
+        if self.cost_class == 0 and self.cost_bbox == 0 and self.cost_giou == 0:
+            raise ValueError("cost_class, cost_bbox and cost_giou cannot all be 0")
+        self.focal = _checks.boolean("focal", focal)
+        self.focal_alpha = _checks.real("focal_alpha", focal_alpha, low=0.0, high=1.0)
+        self.focal_gamma = _checks.real("focal_gamma", focal_gamma, low=0.0)
+
+    def cost(self, outputs, targets) -> tuple[Tensor, SetTargets]:
+        """The batched matching cost ``[B, Q, G]`` and the padded targets."""
+        logits = outputs.get("pred_logits") if isinstance(outputs, Mapping) else None
+        device = logits.device if isinstance(logits, Tensor) else None
+        targets = SetTargets.coerce(targets, device)
+        logits, boxes = _check_outputs(outputs, targets, self.focal)
         C = set_matching_cost(
             logits,
             boxes,
-            labels,
-            tboxes,
+            targets.labels,
+            targets.boxes,
             self.cost_class,
             self.cost_bbox,
             self.cost_giou,
@@ -133,17 +199,43 @@ class _SetMatcher(nn.Module):
             self.focal_alpha,
             self.focal_gamma,
         )
-        return C, mask
+        return C, targets
+
+    @torch.no_grad()
+    def solve(self, outputs, targets) -> Matching:
+        raise NotImplementedError
+
+    def forward(self, outputs, targets) -> Pairs:
+        return self.solve(outputs, targets).pairs()
 
 
-class HungarianMatcher(_SetMatcher):
+def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, max_iter, tol):
+    """:func:`match` on a set-matching cost ``[B, Q, G]``. With a background column and a hard
+    target marginal, an image with more targets than queries gets a background *row* of mass
+    ``G_i - Q`` (cost 0 to every target): it takes the targets no query can, which DETR's
+    Hungarian matching leaves unmatched; the plan returned is the queries' rows only."""
+    B, Q, G = C.shape
+    kw = dict(gt_mask=mask, max_iter=max_iter, tol=tol)
+    if background_cost is None:
+        return match(C, eps, tau1, tau2, **kw)
+    extra = (mask.sum(1) - Q).clamp_min(0).to(C.dtype)  # [B]
+    if not (math.isinf(tau2) and bool(extra.any())):
+        return match(C, eps, tau1, tau2, background_cost=background_cost, **kw)
+    C = torch.cat([C, C.new_zeros(B, 1, G)], dim=1)  # [B, Q + 1, G]
+    a = torch.cat([C.new_ones(B, Q), extra[:, None]], dim=1)
+    bg = torch.cat([C.new_full((B, Q), float(background_cost)), C.new_zeros(B, 1)], dim=1)
+    m = match(C, eps, tau1, tau2, a=a, background_cost=bg, **kw)
+    return m._first_rows(Q)
+
+
+class HungarianMatcher(SetMatcher):
     """DETR's one-to-one matcher: per image, ``scipy.optimize.linear_sum_assignment``.
 
     Same constructor keywords and call as DETR's ``HungarianMatcher``; the cost is built for the
-    whole batch at once (padded), the assignment per image (scipy has no batched solver).
-
-    Returns from ``forward(outputs, targets)`` a list of ``(pred_idx, gt_idx)`` int64 CPU tensor
-    pairs, one per image, sorted by prediction.
+    whole batch at once (padded), the assignment per image (scipy has no batched solver). An
+    image with more targets than queries leaves the extra targets unmatched, as DETR's.
+    :meth:`solve` gives the 0/1 plan ``[B, Q, G + 1]`` (last column: unmatched queries), the
+    same as ``UOTMatcher(eps=0)`` gives.
 
     Example:
         >>> import torch
@@ -165,6 +257,7 @@ class HungarianMatcher(_SetMatcher):
 
     def __init__(
         self,
+        *,
         cost_class: float = 1.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
@@ -172,86 +265,130 @@ class HungarianMatcher(_SetMatcher):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ):
-        super().__init__(cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma)
+        super().__init__(
+            cost_class=cost_class,
+            cost_bbox=cost_bbox,
+            cost_giou=cost_giou,
+            focal=focal,
+            focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma,
+        )
 
     @torch.no_grad()
-    def forward(
-        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]
-    ) -> Pairs:
-        C, mask = self.cost(outputs, targets)
-        C, sizes = C.cpu().numpy(), mask.sum(1).tolist()
-        pairs = []
-        for c, n in zip(C, sizes, strict=True):
-            i, j = linear_sum_assignment(c[:, :n]) if n else (np.zeros(0), np.zeros(0))
-            pairs.append(
-                (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
-            )
-        return pairs
+    def solve(self, outputs, targets) -> Matching:
+        """The 0/1 plan ``[B, Q, G + 1]``: per image, scipy's assignment on the real targets."""
+        C, targets = self.cost(outputs, targets)
+        B, Q, G = C.shape
+        plan = np.zeros((B, Q, G + 1), dtype=np.float32)
+        plan[:, :, G] = 1.0
+        costs, mask = C.cpu().numpy(), targets.mask.cpu().numpy()
+        for i in range(B):
+            cols = np.flatnonzero(mask[i])
+            if cols.size:
+                r, c = linear_sum_assignment(costs[i][:, cols])
+                plan[i, r, cols[c]] = 1.0
+                plan[i, r, G] = 0.0
+        plan = torch.from_numpy(plan).to(C.device)
+        ones = torch.ones(B, dtype=torch.bool, device=C.device)
+
+        def potentials() -> tuple[Tensor, Tensor]:  # the exact duals, computed when asked for
+            m = _solve_sets(C, targets.mask, 0.0, math.inf, math.inf, 0.0, MAX_ITER, TOL)
+            return m._potentials()
+
+        return Matching(
+            plan,
+            ones,
+            C.new_zeros(B),
+            torch.zeros(B, dtype=torch.long, device=C.device),
+            ["converged"] * B,
+            True,
+            potentials,
+            "torch",
+            True,
+            torch.float32,
+        )
 
 
-class UOTMatcher(_SetMatcher):
+class UOTMatcher(SetMatcher):
     """Set matching by entropic unbalanced OT, the whole batch in one :func:`uotmatch.match` call.
 
-    ``forward(outputs, targets)`` returns DETR-style pairs (each prediction to the ground truth
-    with the largest share of its row, background excluded); :meth:`solve` returns the full
+    ``forward(outputs, targets)`` returns DETR-style pairs (each prediction to the target with
+    the largest share of its row, background excluded); :meth:`solve` returns the full
     :class:`~uotmatch.Matching`, whose ``plan [B, Q, G + 1]`` (last column: background, padded
     columns exactly 0) feeds the UOT paper's plan-weighted loss.
 
     With ``eps=0, tau1=tau2=inf`` it is exactly Hungarian matching (any constant background cost
-    leaves the optimum unchanged).
+    leaves the optimum unchanged). An image with more targets than queries leaves the extra
+    targets unmatched, as Hungarian matching does (a background row takes them; see
+    :func:`_solve_sets`); without a background column that needs a finite ``tau2``.
 
     Args:
         eps, tau1, tau2: the regime (see :func:`uotmatch.match`).
         background_cost: cost of leaving a prediction unmatched (a float), or ``None`` for no
             background column (then ``tau1 = tau2 = inf`` needs as many predictions as targets).
-        normalize: divide each image's cost by its largest absolute value (the UOT paper's
+        normalize_cost: divide each image's cost by its largest absolute value (the UOT paper's
             DETR setting) before solving.
-        cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma: as DETR.
-        max_iter, tol: solver budget.
+        cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma: as DETR
+            (``focal``: Deformable-DETR's focal class cost on sigmoid logits).
+        max_iter, tol: solver budget (:func:`uotmatch.match`'s defaults).
     """
 
     def __init__(
         self,
+        *,
         eps: float = 0.05,
         tau1: float = math.inf,
         tau2: float = math.inf,
         background_cost: float | None = 0.0,
-        normalize: bool = False,
+        normalize_cost: bool = False,
         cost_class: float = 1.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
         focal: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        max_iter: int = 1000,
-        tol: float = 1e-5,
+        max_iter: int = MAX_ITER,
+        tol: float = TOL,
     ):
-        super().__init__(cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma)
-        self.eps, self.tau1, self.tau2 = eps, tau1, tau2
-        self.background_cost, self.normalize = background_cost, normalize
-        self.max_iter, self.tol = max_iter, tol
+        super().__init__(
+            cost_class=cost_class,
+            cost_bbox=cost_bbox,
+            cost_giou=cost_giou,
+            focal=focal,
+            focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma,
+        )
+        self.eps = _checks.real("eps", eps, low=0.0)
+        self.tau1 = _checks.real("tau1", tau1, low=0.0, allow_inf=True)
+        self.tau2 = _checks.real("tau2", tau2, low=0.0, allow_inf=True)
+        self.background_cost = _checks.real("background_cost", background_cost, allow_none=True)
+        self.normalize_cost = _checks.boolean("normalize_cost", normalize_cost)
+        self.max_iter = _checks.integer("max_iter", max_iter, low=1)
+        self.tol = _checks.real("tol", tol, low=0.0, low_open=True)
+        if self.eps == 0 and (self.tau1, self.tau2) not in [
+            (math.inf, 0.0),
+            (0.0, math.inf),
+            (math.inf, math.inf),
+        ]:
+            raise ValueError(
+                "eps = 0 is defined only for (tau1, tau2) = (inf, 0), (0, inf) or (inf, inf); "
+                f"got ({self.tau1:g}, {self.tau2:g}): use eps > 0"
+            )
 
     @torch.no_grad()
-    def solve(
-        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]
-    ) -> Matching:
+    def solve(self, outputs, targets) -> Matching:
         """The batched matching: plan ``[B, Q, G(+1)]`` with ``G = max`` targets per image."""
-        C, mask = self.cost(outputs, targets)
-        if self.normalize:
-            scale = C.masked_fill(~mask[:, None, :], 0).abs().amax((1, 2), keepdim=True)
+        C, targets = self.cost(outputs, targets)
+        if self.normalize_cost:
+            scale = C.masked_fill(~targets.mask[:, None, :], 0).abs().amax((1, 2), keepdim=True)
             C = C / scale.clamp_min(torch.finfo(C.dtype).tiny)
-        return match(
+        return _solve_sets(
             C,
+            targets.mask,
             self.eps,
             self.tau1,
             self.tau2,
-            mask=mask,
-            background_cost=self.background_cost,
-            max_iter=self.max_iter,
-            tol=self.tol,
+            self.background_cost,
+            self.max_iter,
+            self.tol,
         )
-
-    def forward(
-        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]
-    ) -> Pairs:
-        return self.solve(outputs, targets).pairs()

@@ -7,13 +7,16 @@ import math
 import torch
 from torch import Tensor
 
+from uotmatch import _checks
+from uotmatch._rows import candidate_rows, gather_rows
 from uotmatch.detection._dense import (
+    INSIDE_MARGIN,
+    INSIDE_MARGIN_STRICT,
     AssignResult,
+    DenseAssigner,
+    DenseInputs,
     background_result,
-    bce_costs,
-    candidate_rows,
-    check_inputs,
-    gather_rows,
+    centre_distances,
     inside_boxes,
     inside_centre,
     result_from_index,
@@ -21,11 +24,19 @@ from uotmatch.detection._dense import (
     smallest_area,
 )
 from uotmatch.detection.boxes import box_iou, points_to_ltrb
+from uotmatch.detection.costs import bce_terms, iou_cost
 
-__all__ = ["ATSSAssigner", "FCOSAssigner", "SimOTAAssigner"]
+__all__ = ["ATSSAssigner", "FCOSAssigner", "SIMOTA_GEOMETRIES", "SimOTAAssigner"]
 
-#: SimOTA's cost for a pair outside "in the box and in the centre square" (YOLOX's 1e5).
-SIMOTA_GEOMETRY_PENALTY = 1e5
+#: SimOTA's candidate geometry, by the YOLOX release it reproduces, as ``(centre radius in
+#: strides, whether the box counts too, penalty outside the geometry)``. ``"yolox-0.3"`` is
+#: YOLOX 0.3.0 and mmdetection: candidates inside some box or its centre square of radius 2.5,
+#: penalty 1e5 unless inside both. ``"yolox-2023"`` is YOLOX's code since its 2023 geometry
+#: constraint: the centre square of radius 1.5 alone, penalty 1e6 outside it.
+SIMOTA_GEOMETRIES = {
+    "yolox-0.3": (2.5, True, 1e5),
+    "yolox-2023": (1.5, False, 1e6),
+}
 #: FCOS's default object sizes of interest per level (max regression distance), strides 8-128.
 FCOS_SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
 
@@ -41,28 +52,51 @@ def _levels(strides: Tensor) -> list[tuple[int, int, float]]:
     return out
 
 
-class SimOTAAssigner:
+class SimOTAAssigner(DenseAssigner):
     """YOLOX's SimOTA (Ge et al., 2021): OTA's costs, dynamic k, and a top-k shortcut for the
     transport problem.
 
-    Candidates are anchors inside some ground-truth box or within ``radius * stride`` of its
-    centre; the cost of a pair is ``BCE(scores, one-hot class) + reg_weight * -log IoU``, plus
-    ``SIMOTA_GEOMETRY_PENALTY`` unless the anchor is both inside that box and its centre square.
-    Each ground truth takes its ``k`` cheapest candidates, ``k = max(1, floor(sum of its top-q
-    IoUs))``; an anchor taken twice keeps the ground truth of lowest cost.
+    Candidates follow ``geometry`` (:data:`SIMOTA_GEOMETRIES`); the cost of a pair is
+    ``cls_weight * BCE(scores, one-hot class) + iou_weight * -log IoU`` plus the geometry's
+    penalty outside it. Each ground truth takes its ``k`` cheapest candidates, ``k = max(1,
+    floor(sum of its top candidate_topk IoUs))``; an anchor taken twice keeps the ground truth
+    of lowest cost. The BCE is torch's (each log clamped at -100), as YOLOX computes it.
 
-    Call with ``obj_logits [B, A, 1]`` to score with ``sqrt(sigmoid(cls) * sigmoid(obj))`` as
-    YOLOX; otherwise the class probabilities alone.
+    Uses ``points``, ``strides``, ``cls_logits``, ``pred_boxes`` and the ground truths; called
+    with ``obj_logits [B, A, 1]`` too, it scores with ``sqrt(sigmoid(cls) * sigmoid(obj))`` as
+    YOLOX, otherwise with the class probabilities alone.
+
+    Args:
+        geometry: ``"yolox-0.3"`` (default; YOLOX 0.3.0 and mmdetection, on which every anchor
+            agrees with YOLOX 0.3.0) or ``"yolox-2023"`` (YOLOX's current code).
+        radius: the centre square's half-side in strides; None: the geometry's (2.5 / 1.5).
+        candidate_topk: top IoUs summed for the dynamic k (YOLOX: 10).
+        cls_weight, iou_weight: cost weights (YOLOX: 1 and 3).
     """
 
-    def __init__(self, radius: float = 2.5, q: int = 10, reg_weight: float = 3.0):
-        if radius <= 0 or q < 1:
-            raise ValueError(f"radius must be > 0 and q >= 1, got radius={radius}, q={q}")
-        self.radius, self.q, self.reg_weight = radius, q, reg_weight
+    uses = ("points", "strides", "cls_logits", "pred_boxes", "gt_boxes", "gt_labels", "gt_mask")
+
+    def __init__(
+        self,
+        *,
+        geometry: str = "yolox-0.3",
+        radius: float | None = None,
+        candidate_topk: int = 10,
+        cls_weight: float = 1.0,
+        iou_weight: float = 3.0,
+    ):
+        self.geometry = _checks.choice("geometry", geometry, tuple(SIMOTA_GEOMETRIES))
+        default_radius, self._in_box, self._penalty = SIMOTA_GEOMETRIES[geometry]
+        radius = default_radius if radius is None else radius
+        self.radius = _checks.real("radius", radius, low=0.0, low_open=True)
+        self.candidate_topk = _checks.integer("candidate_topk", candidate_topk, low=1)
+        self.cls_weight = _checks.real("cls_weight", cls_weight, low=0.0)
+        self.iou_weight = _checks.real("iou_weight", iou_weight, low=0.0)
 
     @torch.no_grad()
     def __call__(
         self,
+        *,
         points: Tensor,
         strides: Tensor,
         cls_logits: Tensor,
@@ -72,33 +106,43 @@ class SimOTAAssigner:
         gt_mask: Tensor | None = None,
         obj_logits: Tensor | None = None,
     ) -> AssignResult:
-        gt_mask = check_inputs(
-            points, strides, gt_boxes, gt_labels, gt_mask, cls_logits, pred_boxes
-        )
-        B, A = cls_logits.shape[:2]
-        G = gt_boxes.shape[1]
-        gt_boxes = gt_boxes.float()
-        if G == 0 or not bool(gt_mask.any()):
-            return background_result(B, A, gt_labels, gt_boxes)
-        points, strides = points.float(), strides.float()
-        in_box = inside_boxes(points, gt_boxes, margin=0.0) & gt_mask[:, None]
-        in_ctr = inside_centre(points, strides, gt_boxes, self.radius, clip=False)
-        in_ctr &= gt_mask[:, None]
-        # As YOLOX, only anchors inside some box or centre square are considered: gather them.
-        idx, real = candidate_rows((in_box | in_ctr).any(-1))  # [B, L]
-        in_box, in_ctr = gather_rows(in_box, idx), gather_rows(in_ctr, idx)
-        prob = gather_rows(cls_logits, idx).float().sigmoid()
+        x = DenseInputs.check(points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask)
+        if obj_logits is not None:
+            B, A = cls_logits.shape[:2]
+            if not isinstance(obj_logits, Tensor) or tuple(obj_logits.shape) != (B, A, 1):
+                shape = tuple(obj_logits.shape) if isinstance(obj_logits, Tensor) else obj_logits
+                raise ValueError(f"obj_logits must be a [B, A, 1] = [{B}, {A}, 1] tensor: {shape}")
+            if not bool(torch.isfinite(obj_logits).all()):
+                raise ValueError("obj_logits must be finite (it holds NaN or inf)")
+        if x.empty:
+            return background_result(x)
+        return self._assign(x, obj_logits)
+
+    def _assign(self, x: DenseInputs, obj_logits: Tensor | None = None) -> AssignResult:
+        B, A = x.cls_logits.shape[:2]
+        G = x.gt_boxes.shape[1]
+        real_gt = x.gt_mask[:, None]
+        in_ctr = inside_centre(x.points, x.strides, x.gt_boxes, self.radius, clip=False) & real_gt
+        if self._in_box:  # YOLOX 0.3.0: inside some box or some centre square
+            in_box = inside_boxes(x.points, x.gt_boxes, INSIDE_MARGIN_STRICT) & real_gt
+            considered, geometry = in_box | in_ctr, in_box & in_ctr
+        else:  # YOLOX since 2023: the centre square alone
+            considered = geometry = in_ctr
+        # As YOLOX, only anchors that some ground truth considers enter: gather them.
+        idx, real = candidate_rows(considered.any(-1))  # [B, L]
+        geometry = gather_rows(geometry, idx)
+        prob = gather_rows(x.cls_logits, idx).float().sigmoid()
         if obj_logits is not None:
             prob = (prob * gather_rows(obj_logits, idx).float().sigmoid()).sqrt()
-        cls, _ = bce_costs(prob, gt_labels)
-        ious = box_iou(gather_rows(pred_boxes, idx).float(), gt_boxes) * real[..., None]
-        cost = cls - self.reg_weight * (ious + 1e-8).log()
-        cost = cost + SIMOTA_GEOMETRY_PENALTY * ~(in_box & in_ctr)
-        cost = cost.masked_fill(~real[..., None] | ~gt_mask[:, None], math.inf)  # [B, L, G]
+        cls, _ = bce_terms(prob, x.gt_labels)
+        ious = box_iou(gather_rows(x.pred_boxes, idx), x.gt_boxes) * real[..., None]
+        cost = self.cls_weight * cls + self.iou_weight * iou_cost(ious)
+        cost = cost + self._penalty * ~geometry
+        cost = cost.masked_fill(~real[..., None] | ~real_gt, math.inf)  # [B, L, G]
 
         L = cost.shape[1]
-        k = ious.topk(min(self.q, L), dim=1).values.sum(1).floor().clamp_min(1).long()  # [B, G]
-        k = torch.where(gt_mask, k, 0)
+        k = ious.topk(min(self.candidate_topk, L), dim=1).values.sum(1).floor()
+        k = torch.where(x.gt_mask, k.clamp_min(1).long(), 0)  # [B, G]
         kmax = max(int(k.max()), 1)
         cheapest = cost.topk(min(kmax, L), dim=1, largest=False)  # over anchors, [B, kmax, G]
         rank = torch.arange(cheapest.indices.shape[1], device=cost.device)[None, :, None]
@@ -112,108 +156,101 @@ class SimOTAAssigner:
         sub_iou = ious.gather(2, sub_index.clamp_min(0)[..., None]).squeeze(-1) * (sub_index >= 0)
         return result_from_index(
             scatter_rows(sub_index, idx, A, -1),
-            gt_labels,
-            gt_boxes,
+            x.gt_labels,
+            x.gt_boxes,
             anchor_ious=scatter_rows(sub_iou, idx, A, 0.0),
         )
 
 
-class FCOSAssigner:
+class FCOSAssigner(DenseAssigner):
     """FCOS (Tian et al., 2019) with centre sampling.
 
-    A point is positive for a ground truth when it lies inside the box and, with centre sampling,
-    within ``radius * stride`` of its centre (that square clipped to the box), and its largest
-    regression distance falls in its level's size range. A point positive for several boxes takes
-    the one of smallest area.
+    A point is positive for a ground truth when it lies inside the box (strictly, as FCOS's
+    code) and, with centre sampling, within ``radius * stride`` of its centre (that square
+    clipped to the box), and its largest regression distance falls in its level's size range.
+    A point positive for several boxes takes the one of smallest area.
+
+    Uses ``points``, ``strides`` and the ground truths (``pred_boxes`` only for the IoU
+    target; ``cls_logits`` not at all).
 
     Args:
-        radius: centre-sampling radius in strides (None: the whole box).
+        radius: centre-sampling radius in strides (1.5), or None for the whole box.
         size_ranges: ``(low, high)`` of the max regression distance per level, in the order of
             increasing stride (FCOS's for strides 8-128 by default).
     """
 
+    uses = ("points", "strides", "gt_boxes", "gt_mask")
+
     def __init__(
         self,
+        *,
         radius: float | None = 1.5,
         size_ranges: tuple[tuple[float, float], ...] = FCOS_SIZE_RANGES,
     ):
-        if radius is not None and radius <= 0:
-            raise ValueError(f"radius must be > 0 or None, got {radius}")
-        self.radius, self.size_ranges = radius, tuple(size_ranges)
+        self.radius = _checks.real("radius", radius, low=0.0, low_open=True, allow_none=True)
+        ranges = tuple(tuple(r) for r in size_ranges)
+        if not ranges or any(len(r) != 2 or not (0 <= float(r[0]) < float(r[1])) for r in ranges):
+            raise ValueError(
+                f"size_ranges must be (low, high) pairs with 0 <= low < high, got {size_ranges}"
+            )
+        self.size_ranges = ranges
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        points: Tensor,
-        strides: Tensor,
-        gt_boxes: Tensor,
-        gt_labels: Tensor,
-        gt_mask: Tensor | None = None,
-        pred_boxes: Tensor | None = None,
-    ) -> AssignResult:
-        gt_mask = check_inputs(points, strides, gt_boxes, gt_labels, gt_mask, None, pred_boxes)
-        B, G = gt_boxes.shape[:2]
-        A = points.shape[0]
-        gt_boxes, points, strides = gt_boxes.float(), points.float(), strides.float()
-        levels = _levels(strides)
+    def _assign(self, x: DenseInputs) -> AssignResult:
+        A = x.points.shape[0]
+        levels = _levels(x.strides)
         if len(levels) > len(self.size_ranges):
             raise ValueError(
                 f"{len(levels)} feature levels (strides {[s for *_, s in levels]}) but only "
                 f"{len(self.size_ranges)} size_ranges"
             )
-        low = torch.empty(A, device=points.device)
-        high = torch.empty(A, device=points.device)
+        low = torch.empty(A, device=x.points.device)
+        high = torch.empty(A, device=x.points.device)
         for (start, end, _), (lo, hi) in zip(levels, self.size_ranges, strict=False):
             low[start:end], high[start:end] = lo, hi
-        ltrb = points_to_ltrb(points, gt_boxes)  # [B, A, G, 4]
-        positive = ltrb.amin(-1) > 0
+        ltrb = points_to_ltrb(x.points, x.gt_boxes)  # [B, A, G, 4]
+        positive = ltrb.amin(-1) > INSIDE_MARGIN_STRICT
         if self.radius is not None:
-            positive &= inside_centre(points, strides, gt_boxes, self.radius, clip=True)
+            positive &= inside_centre(x.points, x.strides, x.gt_boxes, self.radius, clip=True)
         reach = ltrb.amax(-1)
         positive &= (reach >= low[None, :, None]) & (reach <= high[None, :, None])
-        positive &= gt_mask[:, None]
-        gt_index = smallest_area(positive, gt_boxes)
-        ious = None if pred_boxes is None else box_iou(pred_boxes.float(), gt_boxes)
-        return result_from_index(gt_index, gt_labels, gt_boxes, ious)
+        positive &= x.gt_mask[:, None]
+        gt_index = smallest_area(positive, x.gt_boxes)
+        ious = box_iou(x.pred_boxes, x.gt_boxes)
+        return result_from_index(gt_index, x.gt_labels, x.gt_boxes, ious)
 
 
-class ATSSAssigner:
+class ATSSAssigner(DenseAssigner):
     """ATSS (Zhang et al., CVPR 2020): adaptive training sample selection.
 
-    Per ground truth, the ``topk`` points per level closest to its centre are candidates; their
-    anchors (squares of side ``anchor_scale * stride``) with IoU at least mean + std (over the
-    candidates) and centre inside the box are positive; a point positive for several boxes takes
+    Per ground truth, the ``topk`` points per level closest to its centre (exact float
+    distances, as the official code) are candidates; their anchors (squares of side
+    ``anchor_scale * stride``) with IoU at least mean + std (over the candidates) and centre
+    inside the box (``INSIDE_MARGIN``) are positive; a point positive for several boxes takes
     the one of highest IoU.
+
+    Uses ``points``, ``strides`` and the ground truths (``pred_boxes`` only for the IoU
+    target; ``cls_logits`` not at all).
+
+    Args:
+        topk: candidates per level (9).
+        anchor_scale: anchor side in strides (8).
     """
 
-    def __init__(self, topk: int = 9, anchor_scale: float = 8.0):
-        if topk < 1 or anchor_scale <= 0:
-            raise ValueError(f"topk must be >= 1 and anchor_scale > 0, got {topk}, {anchor_scale}")
-        self.topk, self.anchor_scale = topk, anchor_scale
+    uses = ("points", "strides", "gt_boxes", "gt_mask")
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        points: Tensor,
-        strides: Tensor,
-        gt_boxes: Tensor,
-        gt_labels: Tensor,
-        gt_mask: Tensor | None = None,
-        pred_boxes: Tensor | None = None,
-    ) -> AssignResult:
-        gt_mask = check_inputs(points, strides, gt_boxes, gt_labels, gt_mask, None, pred_boxes)
-        B, G = gt_boxes.shape[:2]
-        A = points.shape[0]
-        gt_boxes, points, strides = gt_boxes.float(), points.float(), strides.float()
-        if G == 0:
-            return background_result(B, A, gt_labels, gt_boxes)
-        half = (self.anchor_scale * strides / 2)[:, None]
-        anchors = torch.cat([points - half, points + half], -1)  # [A, 4]
-        ious = box_iou(anchors[None].expand(B, -1, -1), gt_boxes)  # [B, A, G]
-        ctr = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
-        dist = torch.cdist(points[None].expand(B, -1, -1), ctr)  # [B, A, G]
-        candidate = torch.zeros(B, A, G, dtype=torch.bool, device=points.device)
-        for start, end, _ in _levels(strides):
+    def __init__(self, *, topk: int = 9, anchor_scale: float = 8.0):
+        self.topk = _checks.integer("topk", topk, low=1)
+        self.anchor_scale = _checks.real("anchor_scale", anchor_scale, low=0.0, low_open=True)
+
+    def _assign(self, x: DenseInputs) -> AssignResult:
+        B, G = x.gt_boxes.shape[:2]
+        A = x.points.shape[0]
+        half = (self.anchor_scale * x.strides / 2)[:, None]
+        anchors = torch.cat([x.points - half, x.points + half], -1)  # [A, 4]
+        ious = box_iou(anchors[None].expand(B, -1, -1), x.gt_boxes)  # [B, A, G]
+        dist = centre_distances(x.points, x.gt_boxes)  # [B, A, G]
+        candidate = torch.zeros(B, A, G, dtype=torch.bool, device=x.points.device)
+        for start, end, _ in _levels(x.strides):
             k = min(self.topk, end - start)
             near = dist[:, start:end].topk(k, dim=1, largest=False).indices + start  # [B, k, G]
             candidate.scatter_(1, near, True)
@@ -223,9 +260,10 @@ class ATSSAssigner:
         var = ((ious - mean[:, None]) ** 2 * candidate).sum(1) / (n - 1).clamp_min(1)
         threshold = mean + var.sqrt()  # [B, G]
         positive = candidate & (ious >= threshold[:, None])
-        positive &= points_to_ltrb(points, gt_boxes).amin(-1) > 0.01
-        positive &= gt_mask[:, None]
+        positive &= inside_boxes(x.points, x.gt_boxes, INSIDE_MARGIN)
+        positive &= x.gt_mask[:, None]
         best = torch.where(positive, ious, -1.0).argmax(-1)
         gt_index = torch.where(positive.any(-1), best, -1)
-        pious = None if pred_boxes is None else box_iou(pred_boxes.float(), gt_boxes)
-        return result_from_index(gt_index, gt_labels, gt_boxes, pious)
+        return result_from_index(
+            gt_index, x.gt_labels, x.gt_boxes, box_iou(x.pred_boxes, x.gt_boxes)
+        )

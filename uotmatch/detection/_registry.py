@@ -1,0 +1,68 @@
+"""Assigners and matchers by name (the names of the bundled CLIs' ``--assigner`` and
+``--matcher``), with their options checked: an option the named one does not take is an error
+that lists the ones it does take."""
+
+from __future__ import annotations
+
+import inspect
+
+from uotmatch.detection._dense import DenseAssigner
+from uotmatch.detection._matchers import HungarianMatcher, SetMatcher, UOTMatcher
+from uotmatch.detection._ota import OTAAssigner, UOTAssigner
+from uotmatch.detection._rules import ATSSAssigner, FCOSAssigner, SimOTAAssigner
+
+__all__ = ["ASSIGNERS", "MATCHERS", "build_assigner", "build_matcher", "options_of"]
+
+#: ``--assigner`` name -> class.
+ASSIGNERS: dict[str, type[DenseAssigner]] = {
+    "fcos": FCOSAssigner,
+    "atss": ATSSAssigner,
+    "simota": SimOTAAssigner,
+    "ota": OTAAssigner,
+    "uot": UOTAssigner,
+}
+#: ``--matcher`` name -> class.
+MATCHERS: dict[str, type[SetMatcher]] = {"hungarian": HungarianMatcher, "uot": UOTMatcher}
+
+
+def options_of(cls: type) -> tuple[str, ...]:
+    """The options (constructor keywords) of an assigner or matcher class, in order."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds and p.name != "self")
+
+
+def _build(kind: str, registry: dict, name: str, options: dict):
+    if name not in registry:
+        raise ValueError(f"{kind} must be one of {list(registry)}, got {name!r}")
+    cls = registry[name]
+    allowed = options_of(cls)
+    unknown = [key for key in options if key not in allowed]
+    if unknown:
+        raise ValueError(
+            f"{kind} {name!r} takes no option {unknown[0]!r}; its options are: "
+            + ", ".join(allowed)
+        )
+    return cls(**options)
+
+
+def build_assigner(name: str, **options) -> DenseAssigner:
+    """The dense assigner ``name`` (one of :data:`ASSIGNERS`) with ``options``.
+
+    Example:
+        >>> from uotmatch.detection import build_assigner
+        >>> build_assigner("uot", eps=0.1, tau1=100.0, tau2=1.0).tau2
+        1.0
+        >>> build_assigner("ota", tau1=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: assigner 'ota' takes no option 'tau1'; its options are: eps, radius, \
+candidate_topk, k, cls_weight, iou_weight, focal_alpha, focal_gamma, decode, candidates_only, \
+max_iter, tol
+    """
+    return _build("assigner", ASSIGNERS, name, options)
+
+
+def build_matcher(name: str, **options) -> SetMatcher:
+    """The set matcher ``name`` (one of :data:`MATCHERS`) with ``options``."""
+    return _build("matcher", MATCHERS, name, options)
