@@ -12,6 +12,9 @@ matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The API page imports the Ultralytics adapter: no network, settings in a writable place.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / "docs" / "_build" / "yolo-config"))
 
 import uotmatch  # noqa: E402
 
@@ -30,7 +33,13 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "tutorials", "auto_tutorials/*.ipynb", "auto_tutorials/*.py.md5"]
+exclude_patterns = [
+    "_build",
+    "tutorials",
+    "examples",
+    "auto_tutorials/*.ipynb",
+    "auto_tutorials/*.py.md5",
+]
 myst_heading_anchors = 3
 suppress_warnings = ["myst.header"]
 

@@ -16,7 +16,19 @@ settings.load_profile("default")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(params=DEVICES, scope="session")
 def device(request):
-    """Every test that takes ``device`` runs on the CPU and, when available, on CUDA."""
+    """Every test that takes ``device`` runs on the CPU and, when available, on CUDA (a
+    session-scoped fixture: it holds no state, and hypothesis tests may use it)."""
     return torch.device(request.param)
+
+
+def on(device, x):
+    """Tensors (alone, or in a dict, list or tuple) moved to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: on(device, v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(on(device, v) for v in x)
+    return x

@@ -407,6 +407,7 @@ def sinkhorn(
     tol: float,
     error_mass: Tensor | None = None,
     compact: bool | None = None,
+    check_every: int | None = None,
 ) -> SinkhornOutput:
     """Solve a batch of entropic UOT problems.
 
@@ -424,6 +425,8 @@ def sinkhorn(
             (large sparse kernels, ``COMPACT_MIN_SIZE``), True from any size, False never. It
             applies under a hard column marginal without translation steps and without
             gradients; the caller refuses True elsewhere.
+        check_every: iterations between convergence checks (the only host syncs of the loop);
+            None: ``CHECK_EVERY_CUDA`` on CUDA, else by size (``CHECK_EVERY_CPU_*``).
     """
     B, M, N = cost.shape
     tau1, tau2 = rows.tau, cols.tau
@@ -486,7 +489,9 @@ def sinkhorn(
         and (compact or B * M * N >= COMPACT_MIN_SIZE)
         and not torch.is_grad_enabled()
     )
-    if cost.is_cuda:
+    if check_every is not None:
+        pass
+    elif cost.is_cuda:
         check_every = CHECK_EVERY_CUDA
     else:  # a check is ~30 tiny ops: on small problems that is several mat-vecs' worth
         check_every = 1 if B * M * N >= CHECK_EVERY_CPU_SIZE else CHECK_EVERY_CPU_SMALL

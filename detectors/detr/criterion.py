@@ -37,6 +37,12 @@ FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 
 
+def _base_name(key: str) -> str:
+    """``loss_ce_3`` -> ``loss_ce`` (DETR's auxiliary-layer keys)."""
+    head, _, tail = key.rpartition("_")
+    return head if tail.isdigit() else key
+
+
 def detr_targets(batch: Mapping) -> SetTargets:
     """A collated batch's ground truths as DETR targets, padded: boxes cxcywh normalised by
     each image's unpadded size (``gt_boxes`` are xyxy pixels of it)."""
@@ -92,9 +98,13 @@ class SetCriterion(nn.Module):
         unknown = sorted(set(losses) - set(self.loss_map))
         if unknown:
             raise ValueError(f"losses must be among {sorted(self.loss_map)}, got {unknown}")
-        unknown = sorted(set(weight_dict) - {"loss_ce", "loss_bbox", "loss_giou"})
+        names = {"loss_ce", "loss_bbox", "loss_giou"}
+        unknown = sorted(k for k in weight_dict if _base_name(k) not in names)
         if unknown:
-            raise ValueError(f"weight_dict keys must be loss_ce, loss_bbox, loss_giou: {unknown}")
+            raise ValueError(
+                "weight_dict keys must be loss_ce, loss_bbox, loss_giou (with DETR's auxiliary "
+                f"suffixes _0, _1, ...): {unknown}"
+            )
         self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, dict(weight_dict)
         self.eos_coef, self.losses = eos_coef, tuple(losses)
         self.loss_weighting, self.focal = loss_weighting, focal
@@ -183,6 +193,10 @@ class SetCriterion(nn.Module):
                     if suffix and key == "class_error":
                         continue
                     losses[key + suffix] = v
-        weights = {key + suffix: w for key, w in self.weight_dict.items() for suffix, _ in layers}
+        # The final layer's weights serve every decoder layer, unless weight_dict has its own
+        # suffixed keys (as DETR's build() writes them).
+        base = {k: w for k, w in self.weight_dict.items() if _base_name(k) == k}
+        weights = {key + suffix: w for key, w in base.items() for suffix, _ in layers}
+        weights.update(self.weight_dict)
         losses["loss"] = sum(weights[key] * v for key, v in losses.items() if key in weights)
         return losses

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
+from tests.conftest import on
 from uotmatch.detection import HungarianMatcher, UOTMatcher
 from uotmatch.detection.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -50,18 +51,21 @@ def _detr_reference(outputs, targets, w_class=1.0, w_bbox=5.0, w_giou=2.0):
 
 
 @given(st.integers(0, 10_000))
-def test_hungarian_matcher_equals_detr(seed):
+def test_hungarian_matcher_equals_detr(device, seed):
     outputs, targets = _batch(seed)
-    ours, ref = HungarianMatcher()(outputs, targets), _detr_reference(outputs, targets)
+    ours = HungarianMatcher()(on(device, outputs), on(device, targets))
+    ref = _detr_reference(outputs, targets)
     for (pi, gi), (pr, gr) in zip(ours, ref, strict=True):
         assert torch.equal(pi, pr) and torch.equal(gi, gr)
         assert pi.dtype == torch.int64 and gi.dtype == torch.int64
 
 
 @given(st.integers(0, 10_000), st.sampled_from([0.0, 0.7, -3.0]))
-def test_uot_matcher_hungarian_limit_equals_hungarian(seed, background):
+def test_uot_matcher_hungarian_limit_equals_hungarian(device, seed, background):
     outputs, targets = _batch(seed, B=4, Q=20, sizes=(3, 0, 7, 20))
-    uot = UOTMatcher(eps=0.0, tau1=INF, tau2=INF, background_cost=background)(outputs, targets)
+    uot = UOTMatcher(eps=0.0, tau1=INF, tau2=INF, background_cost=background)(
+        on(device, outputs), on(device, targets)
+    )
     hun = HungarianMatcher()(outputs, targets)
     for (pu, gu), (ph, gh) in zip(uot, hun, strict=True):
         assert torch.equal(pu, ph) and torch.equal(gu, gh)
@@ -74,8 +78,10 @@ def test_zero_targets_give_empty_pairs():
             assert pred.numel() == 0 and gt.numel() == 0
 
 
-def test_uot_matcher_soft_plan():
+def test_uot_matcher_soft_plan(device):
     outputs, targets = _batch(1)
+    m = UOTMatcher(eps=0.05).solve(on(device, outputs), on(device, targets))
+    assert m.plan.device.type == device.type
     m = UOTMatcher(eps=0.05).solve(outputs, targets)
     assert m.plan.shape == (3, 12, 6)  # G = 5 (max), + background
     assert torch.all(m.plan[0, :, 3:5] == 0)  # image 0 has 3 targets: padded columns are 0
@@ -110,3 +116,45 @@ def test_bad_input():
         UOTMatcher()(outputs, bad)
     with pytest.raises(ValueError, match="cannot all be 0"):
         HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_more_targets_than_queries_leaves_the_extra_targets_unmatched(eps):
+    """An image with 7 targets and 5 queries: Hungarian matches every query and leaves 2
+    targets out; the balanced UOT matcher with a background does the equivalent (it raised
+    before), exactly Hungarian at eps = 0."""
+    outputs, targets = _batch(4, B=2, Q=5, sizes=(7, 2))
+    hun = HungarianMatcher()(outputs, targets)
+    m = UOTMatcher(eps=eps, background_cost=0.0, normalize_cost=True).solve(outputs, targets)
+    assert m.plan.shape == (2, 5, 8)  # [B, Q, G + 1]
+    assert bool(m.converged.all()), m.marginal_error
+    torch.testing.assert_close(m.plan.sum(-1), torch.ones(2, 5), atol=1e-4, rtol=0)
+    per_target = m.plan[0, :, :7].sum(0)
+    assert float(per_target.sum()) == pytest.approx(5.0, abs=1e-4)  # 5 of 7 targets served
+    assert bool((per_target <= 1 + 1e-4).all())
+    if eps == 0:
+        for (pu, gu), (ph, gh) in zip(m.pairs(), hun, strict=True):
+            assert torch.equal(pu, ph) and torch.equal(gu, gh)
+    assert [len(p) for p, _ in hun] == [5, 2]
+
+
+def test_focal_class_cost_is_the_published_formula():
+    """Deformable DETR / DINO / RT-DETR: alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma
+    (-log(1 - p)) of the target class, on sigmoid probabilities: hand-computed values."""
+    from uotmatch.detection.costs import detr_class_cost
+
+    logits = torch.tensor([[[0.0, 2.0], [-1.0, 0.5]]], dtype=torch.float64)  # [B, Q, K]
+    labels = torch.tensor([[1, 0]])
+    cost = detr_class_cost(logits, labels, focal=True)  # [1, 2, 2]
+
+    def published(x):
+        p = 1 / (1 + math.exp(-x))
+        return 0.25 * (1 - p) ** 2 * -math.log(p) - 0.75 * p**2 * -math.log(1 - p)
+
+    expected = [[published(2.0), published(0.0)], [published(0.5), published(-1.0)]]
+    torch.testing.assert_close(cost[0], torch.tensor(expected, dtype=torch.float64))
+    # with the cost weights, the matchers' cost is that plus DETR's box terms
+    out = {"pred_logits": logits.float(), "pred_boxes": torch.full((1, 2, 4), 0.5)}
+    tgt = [{"labels": torch.tensor([1, 0]), "boxes": torch.full((2, 4), 0.5)}]
+    C, _ = UOTMatcher(focal=True, cost_class=2.0).cost(out, tgt)
+    torch.testing.assert_close(C[0].double(), 2 * cost[0] - 2.0, atol=1e-6, rtol=0)

@@ -1,6 +1,7 @@
 """OTA / UOT assigners: hand-built scenes, the exact limit, compaction, edge cases."""
 
 import math
+import warnings
 
 import numpy as np
 import ot
@@ -9,13 +10,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import uotmatch
+from tests.conftest import on
 from tests.detection.scenes import anchor_points, as_inputs, scene
 from uotmatch.detection import OTAAssigner, UOTAssigner
 
 INF = math.inf
 
 
-def test_hand_built_scene_fixed_k():
+def test_hand_built_scene_fixed_k(device):
     """Two boxes, each with two anchors that predict it well: with k = 2 those are assigned."""
     points, strides = anchor_points((64, 64), strides=(8,))  # 8 x 8 points at 4, 12, ..., 60
     gt_boxes = torch.tensor([[[0.0, 0.0, 32.0, 32.0], [32.0, 32.0, 64.0, 64.0]]])
@@ -29,7 +32,8 @@ def test_hand_built_scene_fixed_k():
             i = int(((points[:, 0] == x) & (points[:, 1] == y)).nonzero())
             logits[0, i, gt_labels[0, j]] = 6.0
             pred[0, i] = gt_boxes[0, j]
-    r = OTAAssigner(k=2)(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels))
+    inputs = as_inputs(points, strides, logits, pred, gt_boxes, gt_labels)
+    r = on("cpu", OTAAssigner(k=2)(**on(device, inputs)))
     for j, pts in good.items():
         for x, y in pts:
             i = int(((points[:, 0] == x) & (points[:, 1] == y)).nonzero())
@@ -47,11 +51,11 @@ def _dense_problem(assigner, inputs):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_small_eps_equals_exact_transport(seed):
+def test_small_eps_equals_exact_transport(seed, device):
     """eps -> 0: the assignment is the exact OT solution (POT's network simplex)."""
     inputs = scene(seed, B=2, height=64, width=64, G=3, strides=(8, 16))
     assigner = OTAAssigner(eps=0.01, tol=1e-7, max_iter=20000)
-    result = assigner(**as_inputs(*inputs))
+    result = on("cpu", assigner(**on(device, as_inputs(*inputs))))
     cost, bg, k = _dense_problem(assigner, inputs)
     gt_mask = inputs[-1]
     for b in range(2):
@@ -66,8 +70,8 @@ def test_small_eps_equals_exact_transport(seed):
 
 
 @given(st.integers(0, 10_000), st.sampled_from([None, 3.0]))
-def test_compaction_gives_the_dense_assignment(seed, k):
-    inputs = scene(seed, B=3, G=5)
+def test_compaction_gives_the_dense_assignment(device, seed, k):
+    inputs = on(device, scene(seed, B=3, G=5))
     compact = OTAAssigner(k=k, tol=1e-6)(**as_inputs(*inputs))
     dense = OTAAssigner(k=k, tol=1e-6, candidates_only=False)(**as_inputs(*inputs))
     assert torch.equal(compact.gt_index, dense.gt_index)
@@ -166,3 +170,69 @@ def test_bad_input():
         OTAAssigner(tau1=1.0)
     with pytest.raises(ValueError, match="radius must be > 0"):
         UOTAssigner(radius=0)
+
+
+def test_official_decoding_serves_a_ground_truth_whose_unit_is_spread_thin(device):
+    """4 anchors near one box share its single unit (k = 1): each gets 0.25 of it and 0.75 of
+    background. The raw argmax makes none of them positive; the official OTA decoding (each
+    supplier's plan row over its maximum) makes all four positive, as the official code."""
+    near = [[10.0, 10.0], [14.0, 10.0], [10.0, 14.0], [14.0, 14.0]]
+    far = [[50.0, 50.0], [54.0, 50.0], [50.0, 54.0], [54.0, 54.0]]
+    points = torch.tensor(near + far)
+    strides = torch.full((8,), 8.0)
+    gt_boxes = torch.tensor([[[0.0, 0.0, 24.0, 24.0]]])
+    # each near anchor predicts a box of IoU 0.3 with the ground truth: k = floor(4 * 0.3) = 1
+    side = 24 * math.sqrt(0.3)
+    pred = torch.tensor([[0.0, 0.0, side, side]]).repeat(8, 1)[None]
+    inputs = dict(
+        points=points,
+        strides=strides,
+        cls_logits=torch.zeros(1, 8, 2),
+        pred_boxes=pred,
+        gt_boxes=gt_boxes,
+        gt_labels=torch.tensor([[1]]),
+    )
+    inputs = on(device, inputs)
+    official = on("cpu", OTAAssigner()(**inputs))
+    assert official.gt_index[0].tolist() == [0, 0, 0, 0, -1, -1, -1, -1]
+    raw = on("cpu", OTAAssigner(decode="argmax")(**inputs))
+    assert int(raw.num_fg) == 0
+    dense = on("cpu", OTAAssigner(candidates_only=False)(**inputs))  # without compaction
+    assert torch.equal(dense.gt_index, official.gt_index)
+
+
+def test_supplies_the_candidates_cannot_carry_are_cut_to_a_maximum_flow():
+    """Two small boxes whose only candidate is the same anchor, and a big one: the balanced
+    problem over the candidates has no plan with k = 1 each; the supplies are cut to what a
+    maximum flow carries, and the solver converges."""
+    points, strides = anchor_points((64, 64), strides=(16,))  # 4 x 4 points at 8, 24, 40, 56
+    gt_boxes = torch.tensor([[[20.0, 20.0, 28.0, 28.0], [21.0, 21.0, 27.0, 27.0], [0, 0, 64, 64]]])
+    A = len(points)
+    inputs = dict(
+        points=points,
+        strides=strides,
+        cls_logits=torch.zeros(1, A, 3),
+        pred_boxes=torch.cat([points - 8, points + 8], 1)[None],
+        gt_boxes=gt_boxes,
+        gt_labels=torch.tensor([[0, 1, 2]]),
+    )
+    ota = OTAAssigner()
+    cost, bg, ious, cand = ota.costs(**inputs)
+    assert cand[0, :, 0].sum() == cand[0, :, 1].sum() == 1  # the one nearest anchor each
+    assert torch.equal(cand[0, :, 0], cand[0, :, 1])
+    k = ota.supplies(ious, cand, torch.ones(1, 3, dtype=torch.bool))
+    assert float(k[0, 0] + k[0, 1]) == pytest.approx(1.0)  # the shared anchor carries one unit
+    assert float(k[0, 2]) == 1.0  # the big box keeps its supply
+    # The problem over the candidates now has a plan: the solver converges (the saturated anchor
+    # must give its whole unit, so slowly: an exactly tight supply puts the optimum at infinite
+    # potentials). With the uncut supplies no plan exists.
+    m = uotmatch.match(cost, 0.1, b=k, background_cost=bg, max_iter=20_000)
+    assert bool(m.converged)
+    uncut = torch.tensor([[1.0, 1.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m = uotmatch.match(cost, 0.1, b=uncut, background_cost=bg, max_iter=20_000)
+    assert not bool(m.converged)
+    result = ota(**inputs)
+    shared = int(torch.nonzero(cand[0, :, 0]))
+    assert int(result.gt_index[0, shared]) in (0, 1)

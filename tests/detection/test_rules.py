@@ -9,13 +9,17 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import on
 from tests.detection.scenes import anchor_points, as_inputs, scene
 from uotmatch.detection import ATSSAssigner, FCOSAssigner, SimOTAAssigner
 from uotmatch.detection.boxes import box_iou
 
 
-def yolox_simota(points, strides, logits, pred, gt_boxes, gt_labels):
-    """One image, as YOLOX's get_assignments + dynamic_k_matching (no objectness branch)."""
+def yolox_simota(points, strides, logits, pred, gt_boxes, gt_labels, version="0.3"):
+    """One image, as YOLOX's get_assignments + dynamic_k_matching (no objectness branch):
+    version "0.3" (YOLOX 0.3.0: in some box or centre square of radius 2.5, penalty 1e5 unless
+    in both) or "2023" (its 2023 geometry constraint: the centre square of radius 1.5 alone,
+    penalty 1e6)."""
     G, A, K = len(gt_boxes), len(points), logits.shape[-1]
     x, y = points[:, 0], points[:, 1]
     left, t, r, b = gt_boxes.T
@@ -33,7 +37,8 @@ def yolox_simota(points, strides, logits, pred, gt_boxes, gt_labels):
         .values
         > 0.0
     )
-    cx, cy, rad = (left + r) / 2, (t + b) / 2, 2.5 * strides
+    cx, cy = (left + r) / 2, (t + b) / 2
+    rad = (2.5 if version == "0.3" else 1.5) * strides
     in_ctr = (
         torch.stack(
             [
@@ -48,8 +53,14 @@ def yolox_simota(points, strides, logits, pred, gt_boxes, gt_labels):
         .values
         > 0.0
     )
-    fg_mask = in_box.any(0) | in_ctr.any(0)
-    geometry = in_box[:, fg_mask] & in_ctr[:, fg_mask]
+    if version == "0.3":
+        fg_mask = in_box.any(0) | in_ctr.any(0)
+        geometry = in_box[:, fg_mask] & in_ctr[:, fg_mask]
+        penalty = 100000.0
+    else:
+        fg_mask = in_ctr.any(0)
+        geometry = in_ctr[:, fg_mask]
+        penalty = 1e6
     ious = box_iou(gt_boxes, pred[fg_mask])
     nfg = int(fg_mask.sum())
     gt_cls = F.one_hot(gt_labels, K).float()
@@ -58,7 +69,7 @@ def yolox_simota(points, strides, logits, pred, gt_boxes, gt_labels):
         gt_cls[:, None].repeat(1, nfg, 1),
         reduction="none",
     ).sum(-1)
-    cost = cls + 3.0 * -torch.log(ious + 1e-8) + 100000.0 * (~geometry)
+    cost = cls + 3.0 * -torch.log(ious + 1e-8) + penalty * (~geometry)
     matching = torch.zeros_like(cost)
     ks = torch.clamp(ious.topk(min(10, nfg), dim=1).values.sum(1).int(), min=1)
     for g in range(G):
@@ -116,29 +127,65 @@ def rule_inputs(points, strides, gt_boxes, gt_labels, gt_mask=None):
     return as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask)
 
 
-@given(st.integers(0, 10_000))
-def test_simota_equals_yolox(seed):
+@given(
+    st.integers(0, 10_000),
+    st.sampled_from([("yolox-0.3", "0.3"), ("yolox-2023", "2023")]),
+    st.booleans(),
+)
+def test_simota_equals_yolox(device, seed, geometry, saturated):
+    """Each geometry reproduces its YOLOX release, also with saturated scores (sigmoid = 0 or
+    1 in float32), where the cost's logs are clamped at -100 as torch's BCE (YOLOX's) does."""
+    ours_geometry, version = geometry
     points, strides, logits, pred, gt_boxes, gt_labels, gt_mask = scene(seed, B=3, G=4)
-    r = SimOTAAssigner()(**as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask))
+    if saturated:
+        logits = logits * 40  # |logit| up to ~300: p is exactly 0 or 1
+    inputs = as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask)
+    r = on("cpu", SimOTAAssigner(geometry=ours_geometry)(**on(device, inputs)))
     for b in range(3):
         real = gt_mask[b]
         ref = yolox_simota(
-            points, strides, logits[b], pred[b], gt_boxes[b][real], gt_labels[b][real]
+            points, strides, logits[b], pred[b], gt_boxes[b][real], gt_labels[b][real], version
         )
         assert r.gt_index[b].tolist() == ref.tolist()
 
 
+def test_saturated_scores_follow_torchs_bce_not_a_probability_clamp():
+    """p = 1 exactly: BCE against 0 is 100 (log clamped at -100), not -log(1e-7) = 16.1."""
+    from uotmatch.detection.costs import bce_terms
+
+    prob = torch.tensor([[[1.0, 0.5]]])  # [B, A, K]
+    pair, background = bce_terms(prob, torch.tensor([[1]]))
+    assert float(background) == pytest.approx(100 + math.log(2))
+    assert float(pair) == pytest.approx(100 + math.log(2))  # class 1 at 0.5: log 2 either way
+
+
 @given(st.integers(0, 10_000))
-def test_atss_equals_official(seed):
+def test_atss_equals_official(device, seed):
     inputs = scene(seed, B=3, G=4, strides=(8, 16, 32))
     points, strides, _, _, gt_boxes, gt_labels, gt_mask = inputs
-    r = ATSSAssigner()(**as_inputs(*inputs))
+    r = on("cpu", ATSSAssigner()(**on(device, as_inputs(*inputs))))
     for b in range(3):
         ref = atss_reference(points, strides, gt_boxes[b][gt_mask[b]])
         assert r.gt_index[b].tolist() == ref.tolist()
 
 
-def test_fcos_hand_built():
+def test_atss_distances_are_exact_where_float32_cdist_rounds_them_together():
+    """Float32 torch.cdist (matrix-product mode) rounds the distances 12.75459 and 12.75429 from
+    this centre to the same value, so its top-9 picks the farther point; the official code's
+    exact differences, and ours, pick the nearer one."""
+    points, strides = anchor_points((1024, 1024), strides=(8, 16, 32))
+    centre = torch.tensor([295.83599853515625, 239.83624267578125])
+    gt = torch.cat([centre - 20, centre + 20])[None, None]  # [1, 1, 4]
+    ctr = (gt[..., :2] + gt[..., 2:]) / 2
+    level = strides == 8
+    mm = torch.cdist(ctr, points[level][None]).squeeze().topk(9, largest=False).indices
+    exact = (points[level] - ctr[0]).pow(2).sum(-1).sqrt().topk(9, largest=False).indices
+    assert set(mm.tolist()) != set(exact.tolist())  # the scene does trip cdist
+    r = ATSSAssigner()(**rule_inputs(points, strides, gt, torch.tensor([[0]])))
+    assert r.gt_index[0].tolist() == atss_reference(points, strides, gt[0]).tolist()
+
+
+def test_fcos_hand_built(device):
     points, strides = anchor_points((256, 256), strides=(8, 16, 32))
     # a 40 px box (reach <= 64: level stride 8), a 200 px box (reach 64-128: stride 16), and a
     # small box inside the big one (ambiguity: the smaller area wins)
@@ -146,7 +193,8 @@ def test_fcos_hand_built():
         [[[8.0, 8.0, 48.0, 48.0], [40.0, 40.0, 240.0, 240.0], [120.0, 120.0, 152.0, 152.0]]]
     )
     gt_labels = torch.tensor([[0, 1, 2]])
-    r = FCOSAssigner(radius=1.5)(**rule_inputs(points, strides, gt_boxes, gt_labels))
+    inputs = on(device, rule_inputs(points, strides, gt_boxes, gt_labels))
+    r = on("cpu", FCOSAssigner(radius=1.5)(**inputs))
 
     def at(x, y, s):
         return int(((points[:, 0] == x) & (points[:, 1] == y) & (strides == s)).nonzero())
@@ -157,7 +205,7 @@ def test_fcos_hand_built():
     assert int(r.gt_index[0, at(136, 136, 16)]) == 1  # big box, level 16 (reach 104)
     assert int(r.gt_index[0, at(12, 12, 8)]) == -1  # inside box 0 but outside its 1.5-stride centre
     # without centre sampling the corner point of box 0 is positive (reach 36 in range)
-    r_all = FCOSAssigner(radius=None)(**rule_inputs(points, strides, gt_boxes, gt_labels))
+    r_all = on("cpu", FCOSAssigner(radius=None)(**inputs))
     assert int(r_all.gt_index[0, at(12, 12, 8)]) == 0
     assert r.labels[0, at(132, 132, 8)] == 2 and r.num_fg.item() == int(r.fg_mask.sum())
 

@@ -1,0 +1,135 @@
+"""uotmatch's assigners inside torchvision's own FCOS and RetinaNet (the real library)."""
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from detectors.common.data import CocoDetection
+from detectors.data import colorboxes
+from uotmatch.detection import FCOSAssigner, OTAAssigner, UOTAssigner
+from uotmatch.integrations.torchvision import use_assigner
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    """8 crowded Color Boxes images of 96 px: (images, targets) as torchvision takes them."""
+    root = tmp_path_factory.mktemp("cb-tv")
+    files = colorboxes.generate(root, train=8, val=0, size=96, crowded=True, progress=False)
+    ds = CocoDetection(root, files["train"])
+    images, targets = [], []
+    for i in range(8):
+        image, target = ds[i]
+        images.append(image)
+        targets.append({"boxes": target["boxes"], "labels": target["labels"]})
+    return images, targets
+
+
+def _backbone():
+    return resnet_fpn_backbone(
+        backbone_name="resnet18",
+        weights=None,
+        trainable_layers=5,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
+
+
+def _fcos():
+    torch.manual_seed(0)
+    return FCOS(_backbone(), num_classes=20, min_size=96, max_size=96)
+
+
+def _retinanet():
+    torch.manual_seed(0)
+    return RetinaNet(_backbone(), num_classes=20, min_size=96, max_size=96)
+
+
+def _train(model, samples, steps=4, batch=4):
+    images, targets = samples
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005)
+    history = []
+    for step in range(steps):
+        i = (step * batch) % len(images)
+        losses = model(images[i : i + batch], targets[i : i + batch])
+        total = sum(losses.values())
+        assert all(math.isfinite(float(v.detach())) for v in losses.values()), losses
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append(float(total))
+    return history
+
+
+@pytest.mark.parametrize(
+    "assigner",
+    [OTAAssigner(), UOTAssigner(eps=0.1, tau1=10.0, tau2=1.0)],
+    ids=["ota", "uot-regime"],
+)
+def test_torchvision_fcos_trains_with_an_ot_assigner(samples, assigner):
+    calls = []
+    original = type(assigner).__call__
+
+    class Counting(type(assigner)):
+        def __call__(self, **kwargs):
+            calls.append(kwargs["cls_logits"].shape)
+            return original(self, **kwargs)
+
+    assigner.__class__ = Counting
+    model = use_assigner(_fcos(), assigner)
+    history = _train(model, samples)
+    assert len(calls) == 4  # the assigner really made every step's matching
+    assert int(model.uotmatch_result.num_fg.sum()) > 0  # foreground found
+    assert calls[0][1] == sum(s * s for s in (12, 6, 3, 2, 1))  # one row per FCOS point
+    assert len(history) == 4
+
+
+def test_the_default_matching_is_replaced_not_wrapped(samples):
+    """With torchvision's own rule as the assigner (FCOS centre sampling), the adapter trains
+    like the stock model: same first loss to rounding (the rules agree on these scenes)."""
+    images, targets = samples
+    stock = _fcos().train()
+    ours = use_assigner(_fcos(), FCOSAssigner(radius=1.5)).train()
+    a, b = stock(images[:4], targets[:4]), ours(images[:4], targets[:4])
+    assert float(b["classification"]) == pytest.approx(float(a["classification"]), rel=0.05)
+    assert int(ours.uotmatch_result.num_fg.sum()) > 0
+
+
+def test_no_nan_on_empty_images_and_tiny_boxes():
+    """An image without boxes, one with a 1-pixel box (OTA gives it its nearest point, outside
+    the box: centerness would take sqrt of a negative number) and a crowded pile."""
+    model = use_assigner(_fcos(), OTAAssigner()).train()
+    images = [torch.rand(3, 96, 96) for _ in range(3)]
+    pile = torch.tensor([[20.0 + i, 20.0 + i, 50.0 + i, 50.0 + i] for i in range(12)])
+    targets = [
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+        {"boxes": torch.tensor([[40.3, 40.3, 41.2, 41.2]]), "labels": torch.tensor([3])},
+        {"boxes": pile, "labels": torch.arange(12) % 20},
+    ]
+    losses = model(images, targets)
+    assert all(math.isfinite(float(v.detach())) for v in losses.values()), losses
+    index = model.uotmatch_result.gt_index
+    assert (index[0] == -1).all() and (index[1] == 0).sum() >= 1 and (index[2] >= 0).sum() >= 1
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_torchvision_retinanet_trains_with_ota(samples):
+    model = use_assigner(_retinanet(), OTAAssigner())
+    _train(model, samples, steps=2)
+    result = model.uotmatch_result
+    assert int(result.num_fg.sum()) > 0
+    A = sum(9 * s * s for s in (12, 6, 3, 2, 1))  # 9 anchors per location
+    assert result.gt_index.shape == (4, A)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="assigner must be a uotmatch.detection DenseAssigner"):
+        use_assigner(_fcos(), lambda **kw: None)
+    with pytest.raises(ValueError, match="model must be a torchvision.models.detection FCOS"):
+        use_assigner(torch.nn.Linear(1, 1), OTAAssigner())
