@@ -7,7 +7,8 @@ crowded Color Boxes, and compare them with one COCO evaluation.
 
 Runs (``--runs``, default all):
 
-* ``tv-fcos``: torchvision's ``FCOS`` (ResNet-18 FPN from scratch) with its own matching
+* ``tv-fcos``: torchvision's ``FCOS`` (ResNet-18 FPN from scratch, 64 channels, 2 convs per
+  tower: the bundled FCOS's CPU size) with its own matching
   (centre sampling, scale ranges); ``tv-fcos-ota``: the same with ``use_assigner(model,
   OTAAssigner())``. Trained here with SGD, cosine schedule.
 * ``yolo-tal``: Ultralytics YOLOv8n (from its yaml, no weights) with its
@@ -55,21 +56,32 @@ def _assigner(name: str):
 # -- torchvision -----------------------------------------------------------------------------------
 
 
-def _tv_model(num_classes: int, size: int, assigner):
+def _tv_model(num_classes: int, size: int, assigner, channels: int, num_convs: int):
+    """torchvision's FCOS, sized as the bundled FCOS for a CPU: a ResNet-18 from scratch, an
+    FPN and head ``channels`` wide with ``num_convs`` convs per tower (torchvision's: 256, 4),
+    and a score threshold of 0.05 for evaluation (torchvision's default 0.2 is for display)."""
+    import torchvision
     from torchvision.models.detection import FCOS
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.fcos import FCOSHead
+    from torchvision.ops import FrozenBatchNorm2d
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
     from uotmatch.integrations.torchvision import use_assigner
 
-    backbone = resnet_fpn_backbone(
-        backbone_name="resnet18",
-        weights=None,
-        trainable_layers=5,
-        returned_layers=[2, 3, 4],
-        extra_blocks=LastLevelP6P7(256, 256),
+    resnet = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    for m in resnet.modules():  # from scratch with frozen BN: see detectors/common/backbone.py
+        if isinstance(m, torch.nn.Conv2d):
+            m.reset_parameters()
+    backbone = BackboneWithFPN(
+        resnet,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[128, 256, 512],
+        out_channels=channels,
+        extra_blocks=LastLevelP6P7(channels, channels),
     )
-    model = FCOS(backbone, num_classes=num_classes, min_size=size, max_size=size)
+    head = FCOSHead(channels, 1, num_classes, num_convs=num_convs)
+    model = FCOS(backbone, num_classes, min_size=size, max_size=size, head=head, score_thresh=0.05)
     return use_assigner(model, assigner) if assigner is not None else model
 
 
@@ -78,7 +90,9 @@ def train_torchvision(name, data: Path, args, seed: int) -> dict:
     device = torch.device("cuda" if args.device not in ("cpu", "") else "cpu")
     train = CocoDetection(data, data / "annotations" / "instances_train.json")
     val = CocoDetection(data, data / "annotations" / "instances_val.json")
-    model = _tv_model(train.num_classes, args.size, _assigner(name)).to(device)
+    model = _tv_model(
+        train.num_classes, args.size, _assigner(name), args.tv_channels, args.tv_convs
+    ).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.tv_lr, momentum=0.9, weight_decay=1e-4)
     loader = torch.utils.data.DataLoader(
@@ -118,7 +132,7 @@ def train_torchvision(name, data: Path, args, seed: int) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - start)
-        print(f"  {name} seed {seed} epoch {epoch + 1}/{args.tv_epochs} loss {float(loss):.3f}")
+        print(f"  {name} seed {seed} epoch {epoch + 1}/{args.tv_epochs} loss {loss.item():.3f}")
     model.eval()
     detections = []
     with torch.no_grad():
@@ -268,7 +282,9 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tv-epochs", type=int, default=12)
-    p.add_argument("--tv-lr", type=float, default=0.01)
+    p.add_argument("--tv-lr", type=float, default=0.02)
+    p.add_argument("--tv-channels", type=int, default=64, help="torchvision FCOS width")
+    p.add_argument("--tv-convs", type=int, default=2, help="torchvision FCOS convs per tower")
     p.add_argument("--yolo-epochs", type=int, default=30)
     p.add_argument("--device", default="cpu", help="cpu, or a CUDA device index (0)")
     args = p.parse_args(argv)
