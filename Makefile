@@ -1,7 +1,10 @@
 # make test: set up .venv (if needed), lint, run the whole test suite.
-# make demo: set up .venv (if needed), run the main job: train FCOS-OTA on Color Boxes (CPU, ~7 min).
+# make demo: set up .venv (if needed), run the main job: train FCOS-OTA on Color Boxes (CPU).
+#   Run again, it continues an interrupted run (--resume) or reports the finished one; `make
+#   clean` (or a new DEMO_OUT) starts over. The README has the measured times.
 # make figure1: the UOT paper's Figure 1 regimes, printed.
-# make docs: the sphinx site, tutorials executed, warnings as errors (docs/_build/html).
+# make docs: the sphinx site, tutorials executed, warnings as errors (docs/_build/html), then
+#   docs/check_build.py (math offline, no code line wider than the page, readable figures).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,13 +30,14 @@ demo: $(STAMP)
 	test -f $(DEMO_DATA)/annotations/instances_val.json || \
 		$(PY) -m detectors.data.colorboxes --out $(DEMO_DATA) --train 400 --val 100 --size 128
 	$(PY) -m detectors.fcos.train --data $(DEMO_DATA) --assigner ota --epochs 6 --lr 0.02 \
-		--eval-every 0 --out $(DEMO_OUT)
+		--eval-every 0 --out $(DEMO_OUT) --resume
 
 figure1: $(STAMP)
 	$(PY) -m uotmatch.figure1
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+	$(PY) docs/check_build.py docs/_build/html
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solver.py

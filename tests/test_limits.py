@@ -164,7 +164,7 @@ def test_figure1_soft_regimes_approach_their_limits():
 
 
 def test_figure1_demo_prints_every_regime(capsys):
-    figure1.main()
+    figure1.main([])
     out = capsys.readouterr().out
     for panel in "cdefgh":
         assert f"({panel})" in out

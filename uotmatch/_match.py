@@ -7,14 +7,13 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from uotmatch import _exact, _screen
 from uotmatch._problem import Problem, full_cost
-from uotmatch._result import STATUSES, Matching
+from uotmatch._result import STATUSES, Array, Matching
 from uotmatch._sinkhorn import PRECISION, Marginal, sinkhorn
 
 __all__ = ["MAX_ITER", "TOL", "match"]
@@ -26,15 +25,15 @@ TOL = 1e-5
 
 
 def match(
-    cost: Any,
+    cost: Array,
     eps: float,
     tau1: float = INF,
     tau2: float = INF,
     *,
-    a: Any = None,
-    b: Any = None,
-    gt_mask: Any = None,
-    background_cost: Any = None,
+    a: Array | None = None,
+    b: Array | None = None,
+    gt_mask: Array | None = None,
+    background_cost: float | Array | None = None,
     max_iter: int = MAX_ITER,
     tol: float = TOL,
     screen: bool | None = None,

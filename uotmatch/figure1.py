@@ -8,6 +8,7 @@ plan and the hard matches of the regimes (c)-(h).
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -50,7 +51,12 @@ def hard_matches(plan: torch.Tensor) -> list[tuple[int, str]]:
     return [(i + 1, GROUND_TRUTHS[j]) for i, j in pairs]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Print the plan and hard matches of every regime of Figure 1."""
+    argparse.ArgumentParser(
+        prog="python -m uotmatch.figure1",
+        description="The UOT paper's Figure 1: one cost matrix, the plans of six matching regimes.",
+    ).parse_args(argv)
     print(__doc__.split("\n\n")[1].replace("\n", " "))
     print()
     for panel, (title, eps, tau1, tau2) in REGIMES.items():

@@ -86,7 +86,11 @@ def load_backbone_weights(model: ResNet, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, wrong format, ...
-        raise ValueError(f"--backbone-weights: cannot load {path}: {exc}") from exc
+        reason = next((x for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
+        raise ValueError(
+            f"--backbone-weights: cannot load {path} ({reason.strip()}): give a torchvision "
+            "ResNet state dict saved with torch.save"
+        ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
         state = state.get("state_dict", state.get("model"))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

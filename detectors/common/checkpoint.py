@@ -49,4 +49,5 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot load checkpoint {path}: {exc}") from exc
+        reason = next((x for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
+        raise ValueError(f"cannot load checkpoint {path} ({reason.strip()})") from exc

@@ -54,9 +54,18 @@ class CocoDetection(Dataset):
         root: directory the images' ``file_name`` are relative to.
         ann_file: the ``instances_*.json``.
         transforms: callable ``(image, target) -> (image, target)``.
+        check_images: open every image's header now (cheap: nothing is decoded), so that an
+            unreadable file is an error naming it before training, not in the middle of an
+            epoch (a file damaged past its header is still found when read, and named then).
     """
 
-    def __init__(self, root: str | Path, ann_file: str | Path, transforms: Callable | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        ann_file: str | Path,
+        transforms: Callable | None = None,
+        check_images: bool = False,
+    ):
         self.root, self.ann_file = Path(root), Path(ann_file)
         self.transforms = transforms
         data = _load_json(self.ann_file)
@@ -87,6 +96,8 @@ class CocoDetection(Dataset):
                 f"{self.ann_file}: {len(missing)} image file(s) missing under {self.root}, "
                 f"first: {self.root / missing[0]}"
             )
+        if check_images:
+            self._check_images()
         self.boxes = {i: [] for i in self.images}
         degenerate = 0
         for ann in data["annotations"]:
@@ -133,6 +144,24 @@ class CocoDetection(Dataset):
             )
         self.ids = sorted(self.images)
 
+    def _check_images(self) -> None:
+        from PIL import Image
+
+        for image_id, img in self.images.items():
+            path = self.root / img["file_name"]
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+            except Exception as exc:  # noqa: BLE001 (see __getitem__)
+                raise ValueError(
+                    f"{self.ann_file}: cannot read image {path} (image {image_id}): {exc}"
+                ) from None
+            if size != (img["width"], img["height"]):
+                raise ValueError(
+                    f"{self.ann_file}: image {path} (image {image_id}) is {size[0]} x {size[1]}, "
+                    f"the annotations say {img['width']} x {img['height']}"
+                )
+
     @property
     def num_classes(self) -> int:
         return len(self.cat_ids)
@@ -149,8 +178,12 @@ class CocoDetection(Dataset):
         try:
             with Image.open(path) as im:
                 image = torch.from_numpy(_to_numpy(im.convert("RGB"))).permute(2, 0, 1)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read image {path} (image {image_id}): {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 any decoding failure is about this file: a
+            # plain Pillow raises OSError or ValueError, but once Ultralytics is imported its
+            # patched Image.open answers an unreadable file with ModuleNotFoundError (pi_heif).
+            raise ValueError(
+                f"cannot read image {path} (image {image_id}, index {index}): {exc}"
+            ) from exc
         image = image.float() / 255.0
         boxes = torch.tensor([b[:4] for b in self.boxes[image_id]], dtype=torch.float32)
         target = {

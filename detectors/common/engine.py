@@ -11,13 +11,32 @@ from torch import nn
 
 from detectors.common.data import images_only
 from detectors.common.dist import all_gather_objects, is_main
+from detectors.common.errors import UsageError
 from detectors.common.evaluation import coco_evaluate
 
 __all__ = ["NonFiniteLossError", "evaluate", "train_one_epoch"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UsageError):
     """The loss became NaN or inf: training stops; the last checkpoint is the last good state."""
+
+
+def _batches(iterable):
+    """The loader's batches; a data file that fails to load (a corrupt image, found only when it
+    is read) is a UsageError naming it, not a traceback from inside the loader."""
+    iterator = iter(iterable)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except ValueError as exc:  # CocoDetection's "cannot read image PATH (image ID): ..."
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            message = lines[-1].removeprefix("ValueError: ") if lines else repr(exc)
+            raise UsageError(
+                f"{message}; fix or remove that file, then continue with --resume"
+            ) from None
+        yield batch
 
 
 def train_one_epoch(
@@ -32,20 +51,23 @@ def train_one_epoch(
     clip_grad: float = 0.0,
     progress: bool = True,
     inputs: Callable = images_only,
+    epochs: int | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's mean of each loss term, and it/s.
 
     ``model(*inputs(batch))`` gives the outputs (default: the images alone) and
-    ``criterion(outputs, batch)`` a dict of losses whose ``"loss"`` is optimised.
+    ``criterion(outputs, batch)`` a dict of losses whose ``"loss"`` is optimised. ``epoch``
+    counts from 0; the progress bar shows it from 1 (of ``epochs``), as the summaries do.
     """
     model.train()
     sums: dict[str, float] = {}
-    iterator = loader
+    iterator = _batches(loader)
     bar = None
     if progress and is_main():
         from tqdm import tqdm
 
-        iterator = bar = tqdm(loader, desc=f"epoch {epoch}", unit="it", dynamic_ncols=True)
+        desc = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
+        iterator = bar = tqdm(iterator, total=len(loader), desc=desc, unit="it", dynamic_ncols=True)
     start, n = time.perf_counter(), 0
     for i, batch in enumerate(iterator):
         batch = batch.to(device)
@@ -57,7 +79,7 @@ def train_one_epoch(
         if not math.isfinite(value):
             terms = {k: float(v.detach()) for k, v in losses.items() if k.startswith("loss")}
             raise NonFiniteLossError(
-                f"epoch {epoch}, iteration {i}: the loss is {value} ({terms}); training stops "
+                f"epoch {epoch + 1}, iteration {i}: the loss is {value} ({terms}); training stops "
                 "here and the last checkpoint holds the last good state (try a lower --lr, "
                 "or --clip-grad)"
             )

@@ -4,6 +4,11 @@ checkpoints, resume, evaluation and logging, and checkpoint evaluation.
 A detector supplies its config (a :class:`TrainConfig` subclass), a model with ``detect(outputs)``,
 a criterion ``(outputs, batch) -> {"loss": ..., ...}`` and an optimizer; :func:`fit` does the rest,
 on one CPU, one GPU, or many processes through torchrun (rank 0 alone prints, logs and writes).
+
+A run never loses work: an output directory that already holds a run is continued
+(``--resume``) or replaced (``--overwrite``) only when asked, and is checked writable before
+the first step. A user's mistake (a missing file, a bad flag, a checkpoint of another model) is
+one line (:class:`UsageError`, exit status 2); a genuine bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import dataclasses
 import json
 import math
 import random
+import re
+import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +39,22 @@ from detectors.common.checkpoint import (
 from detectors.common.data import CocoDetection, collate, default_transforms, images_only
 from detectors.common.dist import barrier, init_distributed, is_main, rank, world_size
 from detectors.common.engine import evaluate, train_one_epoch
+from detectors.common.errors import UsageError, command
 from detectors.common.evaluation import format_table
 
-__all__ = ["TrainConfig", "datasets", "evaluate_checkpoint", "fit", "setup", "warmup_cosine"]
+__all__ = [
+    "TrainConfig",
+    "UsageError",
+    "command",
+    "datasets",
+    "evaluate_checkpoint",
+    "fit",
+    "setup",
+    "warmup_cosine",
+]
+
+#: What a run writes into ``--out`` (``--overwrite`` removes exactly these).
+RUN_FILES = ("last.pth", "metrics.jsonl", "tensorboard")
 
 
 @dataclass
@@ -45,57 +66,140 @@ class TrainConfig:
     epochs: int = field(default=12, metadata={"help": "training epochs"})
     batch_size: int = field(default=8, metadata={"help": "images per step per process"})
     lr: float = field(default=0.01, metadata={"help": "learning rate"})
-    weight_decay: float = 1e-4
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
     warmup_iters: int = field(default=100, metadata={"help": "linear warm-up iterations"})
     clip_grad: float = field(default=10.0, metadata={"help": "max gradient norm (0: off)"})
-    depth: int = field(default=18, metadata={"help": "ResNet depth: 18, 34 or 50"})
-    backbone_weights: str = field(default="", metadata={"help": "local torchvision checkpoint"})
-    freeze_at: int = field(default=0, metadata={"help": "freeze stem (1) and stages (2..5)"})
-    short: int = field(default=128, metadata={"help": "resize short side to this"})
+    depth: int = field(default=18, metadata={"help": "ResNet depth", "choices": (18, 34, 50)})
+    backbone_weights: str = field(
+        default="", metadata={"help": "a local torchvision ResNet checkpoint to start from"}
+    )
+    freeze_at: int = field(
+        default=0, metadata={"help": "freeze the stem (1) and stages (2..5)", "metavar": "0..5"}
+    )
+    short: int = field(default=128, metadata={"help": "resize the short side to this"})
     max_size: int = field(default=128, metadata={"help": "cap on the long side"})
     amp: bool = field(default=True, metadata={"help": "mixed precision (CUDA only)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     workers: int = field(default=0, metadata={"help": "data-loading workers"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N epochs (0: at end)"})
-    seed: int = 0
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pth"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace the run in --out (its checkpoint and log)"}
+    )
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self):
         if not self.data:
             raise ValueError("--data is required (a COCO-format dataset directory)")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("--epochs and --batch-size must be >= 1")
-        if self.eval_every < 0:
-            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("eval_every", "workers", "warmup_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        if not 0 <= self.freeze_at <= 5:
+            raise ValueError(f"--freeze-at must be in 0..5, got {self.freeze_at}")
+        if self.lr <= 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError("--lr must be > 0, --clip-grad and --weight-decay >= 0")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "--resume continues the run in --out, --overwrite replaces it: pick one"
+            )
+
+    @classmethod
+    def upgrade(cls, stored: dict) -> dict:
+        """A checkpoint's stored config as this version's fields (subclasses map renamed ones)."""
+        return dict(stored)
 
 
 def setup(cfg: TrainConfig) -> tuple[torch.device, bool]:
-    """Device, process group (under torchrun), per-rank seeds, the output directory."""
+    """Device, process group (under torchrun), per-rank seeds, and the output directory: checked
+    writable, refused when it already holds a run unless ``--resume`` or ``--overwrite``."""
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {cfg.device}: CUDA is not available here (try --device cpu)"
+            )
     distributed = init_distributed(device)
     torch.manual_seed(cfg.seed + rank())
     random.seed(cfg.seed + rank())
     np.random.seed(cfg.seed + rank())
     if is_main():
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        prepare_out(cfg)
+    barrier()
     return device, distributed
 
 
+def prepare_out(cfg: TrainConfig) -> Path:
+    """Check (and create) ``--out`` before any work: a path under a file, an unwritable
+    directory, or one that already holds a run without ``--resume``/``--overwrite`` is a
+    :class:`UsageError` naming it. ``--overwrite`` removes the previous run's files only."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory: choose another --out")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise UsageError(
+            f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, "
+            "replace it with --overwrite, or choose another --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"--out {out} is not writable ({exc.strerror or exc}): choose a directory you can "
+            "write to"
+        ) from None
+    if cfg.overwrite:
+        for name in held:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return out
+
+
 def datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
-    """``DIR/annotations/instances_{train,val}.json``, with the default transforms."""
+    """``DIR/annotations/instances_{train,val}.json``, with the default transforms (every
+    annotation, and every image file's header, checked now)."""
     root = Path(cfg.data)
     ann = root / "annotations"
-    train = CocoDetection(
-        root, ann / "instances_train.json", default_transforms(True, cfg.short, cfg.max_size)
-    )
-    val = CocoDetection(
-        root, ann / "instances_val.json", default_transforms(False, cfg.short, cfg.max_size)
-    )
+    try:
+        train = CocoDetection(
+            root,
+            ann / "instances_train.json",
+            default_transforms(True, cfg.short, cfg.max_size),
+            check_images=True,
+        )
+        val = CocoDetection(
+            root,
+            ann / "instances_val.json",
+            default_transforms(False, cfg.short, cfg.max_size),
+            check_images=True,
+        )
+    except ValueError as exc:
+        raise UsageError(f"--data {root}: {exc}") from None
     return train, val
+
+
+def build(fn: Callable, *args):
+    """``fn(*args)``, a ``ValueError`` of the user's input (``--backbone-weights``, the model's
+    flags) turned into a :class:`UsageError`."""
+    try:
+        return fn(*args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
@@ -118,6 +222,46 @@ def _log(out: Path, record: dict, writer) -> None:
                 writer.add_scalar(key, v, record["epoch"])
 
 
+def _read_log(out: Path, upto: int) -> list[dict]:
+    """The log's records of epochs ``<= upto`` (a record written after the last checkpoint, by
+    a run killed in between, is dropped: the log and the checkpoint stay one run)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r.get("epoch", 0) <= upto]
+    if len(kept) != len(records):
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _resume(ckpt: Path, model, optimizer, scheduler, scaler) -> dict:
+    """Load the run's state; a damaged checkpoint, or one of another model, is a UsageError."""
+    try:
+        state = load_checkpoint(ckpt)
+    except ValueError as exc:
+        raise UsageError(
+            f"--resume: {exc}; the file is damaged: delete it (or use --overwrite) to start over"
+        ) from None
+    missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "rng"} - set(state)
+    if missing:
+        raise UsageError(f"--resume: {ckpt} is not a training checkpoint (no {sorted(missing)})")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UsageError(
+            f"--resume: {ckpt} was written by a different model ({detail}): resume with the "
+            "flags of that run, or use another --out"
+        ) from None
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state
+
+
 def fit(
     cfg: TrainConfig,
     model: nn.Module,
@@ -131,12 +275,13 @@ def fit(
     title: str,
     inputs: Callable = images_only,
 ) -> dict:
-    """Train ``model`` for ``cfg.epochs`` (from ``OUT/last.pth`` with ``cfg.resume``).
+    """Train ``model`` for ``cfg.epochs`` (continuing the run in ``OUT`` with ``cfg.resume``).
 
     Every epoch: a checkpoint (atomic; model, optimizer, LR schedule, AMP scaler, epoch, RNG
     states, config), a line of ``OUT/metrics.jsonl`` (and TensorBoard when installed), COCO
     evaluation every ``cfg.eval_every`` epochs and after the last. ``lr_lambda(iters_per_epoch,
-    total_iters)`` gives the LR factor per iteration. Returns the last COCO metrics.
+    total_iters)`` gives the LR factor per iteration. Returns the last COCO metrics. Ctrl-C
+    stops with a one-line note of what the checkpoint holds (exit status 130).
     """
     out = Path(cfg.out)
     sampler = DistributedSampler(
@@ -157,17 +302,22 @@ def fit(
     start = 0
     ckpt = out / "last.pth"
     if cfg.resume and ckpt.exists():
-        state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start = state["epoch"]
+        start = _resume(ckpt, model, optimizer, scheduler, scaler)["epoch"]
         if is_main():
-            print(f"resumed from {ckpt} at epoch {start}")
+            print(f"resumed from {ckpt} at epoch {start} of {cfg.epochs}")
     elif cfg.resume and is_main():
         print(f"--resume: no {ckpt} yet, starting from scratch")
+    records = _read_log(out, start) if is_main() else []
+    if start >= cfg.epochs:  # nothing left to do: report the finished run
+        metrics = next((r for r in reversed(records) if "AP" in r), {})
+        metrics = {k: v for k, v in metrics.items() if k in _METRIC_KEYS}
+        if is_main():
+            print(
+                f"the run in {out} has finished its {cfg.epochs} epochs (raise --epochs to go on)"
+            )
+            if metrics:
+                print("\n" + format_table(metrics, title))
+        return metrics
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
     writer = None
     if is_main():
@@ -178,52 +328,70 @@ def fit(
         except ImportError:
             pass
     metrics = {}
-    for epoch in range(start, cfg.epochs):
-        sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            net,
-            criterion,
-            loader,
-            optimizer,
-            scheduler,
-            scaler,
-            device,
-            epoch,
-            cfg.clip_grad,
-            cfg.progress,
-            inputs,
-        )
-        if is_main():
-            save_checkpoint(
-                ckpt,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1,
-                    "rng": get_rng_state(),
-                    "config": dataclasses.asdict(cfg),
-                    "num_classes": train_set.num_classes,
-                },
-            )
-        last = epoch + 1 == cfg.epochs
-        record = {"epoch": epoch + 1, **stats}
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            metrics = evaluate(
-                model, model.detect, val_loader, val_set, device, cfg.progress, inputs
+    epoch = start
+    try:
+        for epoch in range(start, cfg.epochs):
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(
+                net,
+                criterion,
+                loader,
+                optimizer,
+                scheduler,
+                scaler,
+                device,
+                epoch,
+                cfg.clip_grad,
+                cfg.progress,
+                inputs,
+                epochs=cfg.epochs,
             )
             if is_main():
-                record.update(metrics)
-                print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}, AP {100 * metrics['AP']:.1f}")
+                save_checkpoint(
+                    ckpt,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "epoch": epoch + 1,
+                        "rng": get_rng_state(),
+                        "config": dataclasses.asdict(cfg),
+                        "num_classes": train_set.num_classes,
+                    },
+                )
+            last = epoch + 1 == cfg.epochs
+            record = {"epoch": epoch + 1, **stats}
+            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                metrics = evaluate(
+                    model, model.detect, val_loader, val_set, device, cfg.progress, inputs
+                )
+                if is_main():
+                    record.update(metrics)
+                    print(
+                        f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}, "
+                        f"AP {100 * metrics['AP']:.1f}"
+                    )
+            if is_main():
+                _log(out, record, writer)
+            barrier()
+    except KeyboardInterrupt:
         if is_main():
-            _log(out, record, writer)
-        barrier()
-    if is_main():
-        print("\n" + format_table(metrics, title))
+            print(
+                f"\ninterrupted in epoch {epoch + 1}/{cfg.epochs}: {ckpt} holds the last finished "
+                f"epoch ({epoch}); continue with the same command and --resume",
+                file=sys.stderr,
+            )
+        raise SystemExit(130) from None
+    finally:
         if writer is not None:
             writer.close()
+    if is_main():
+        print("\n" + format_table(metrics, title))
     return metrics
+
+
+_METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 
 
 def evaluate_checkpoint(
@@ -234,24 +402,34 @@ def evaluate_checkpoint(
     doc: str,
     title: Callable[[TrainConfig], str],
     inputs: Callable = images_only,
+    prog: str = "",
 ) -> dict:
     """The ``evaluate`` CLI of a detector: ``--checkpoint FILE --data DIR [--split val]``;
     ``title(config)`` heads the printed table."""
-    p = argparse.ArgumentParser(description=doc)
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p = argparse.ArgumentParser(description=doc, prog=prog or None)
+    p.add_argument("--checkpoint", required=True, type=Path, help="a training run's last.pth")
     p.add_argument("--data", required=True, type=Path, help="COCO-format dataset directory")
-    p.add_argument("--split", default="val", help="annotations/instances_SPLIT.json")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--split", default="val", help="evaluate annotations/instances_SPLIT.json (default: val)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         state = load_checkpoint(args.checkpoint)
-        if "config" not in state or "model" not in state:
+        if not isinstance(state, dict) or "config" not in state or "model" not in state:
             raise ValueError(f"{args.checkpoint} is not a {name} training checkpoint")
+        stored = config_cls.upgrade(state["config"])
         names = {f.name for f in dataclasses.fields(config_cls)}
-        if set(state["config"]) != names:
-            raise ValueError(f"{args.checkpoint} is not a {name} training checkpoint")
-        cfg = config_cls(**{**state["config"], "data": str(args.data), "backbone_weights": ""})
+        if set(stored) != names:
+            raise ValueError(
+                f"{args.checkpoint} is not a {name} training checkpoint (its config fields "
+                f"differ: {sorted(set(stored) ^ names)[:4]})"
+            )
+        stored = {**stored, "data": str(args.data), "backbone_weights": ""}
+        stored.update(resume=False, overwrite=False)
+        cfg = config_cls(**stored)
         dataset = CocoDetection(
             args.data,
             args.data / "annotations" / f"instances_{args.split}.json",
@@ -263,10 +441,18 @@ def evaluate_checkpoint(
         p.error(
             f"{args.data} has {dataset.num_classes} classes, the checkpoint {state['num_classes']}"
         )
-    device = torch.device(args.device)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     model = build_model(cfg, dataset.num_classes).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        p.error(f"{args.checkpoint} does not fit its own config: {str(exc).splitlines()[0]}")
     loader = DataLoader(dataset, args.batch_size, collate_fn=collate)
-    metrics = evaluate(model, model.detect, loader, dataset, device, inputs=inputs)
+    metrics = evaluate(
+        model, model.detect, loader, dataset, device, not args.no_progress, inputs=inputs
+    )
     print(format_table(metrics, f"{title(cfg)} ({args.split})"))
     return metrics

@@ -20,6 +20,7 @@ def main(argv=None) -> dict:
         __doc__.split("\n\n")[0],
         title=title,
         inputs=detr_inputs,
+        prog="python -m detectors.detr.evaluate",
     )
 
 

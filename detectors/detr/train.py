@@ -28,7 +28,7 @@ import torch
 
 from detectors.common.backbone import build_resnet
 from detectors.common.config import parse_config
-from detectors.common.trainer import TrainConfig, datasets, fit, setup
+from detectors.common.trainer import TrainConfig, build, command, datasets, fit, setup
 from detectors.detr.criterion import LOSS_WEIGHTINGS, SetCriterion, detr_targets
 from detectors.detr.model import DETR
 from uotmatch.detection import MATCHERS, build_matcher, options_of
@@ -79,7 +79,10 @@ class DETRConfig(TrainConfig):
     epochs: int = field(default=50, metadata={"help": "training epochs"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (transformer)"})
     lr_backbone: float = field(default=1e-4, metadata={"help": "AdamW learning rate (backbone)"})
-    lr_drop: int = field(default=0, metadata={"help": "epoch of the 10x LR drop (0: 2/3 in)"})
+    lr_drop: int | None = field(
+        default=None,
+        metadata={"help": "epoch of the 10x LR drop", "default_help": "2/3 of --epochs"},
+    )
     warmup_iters: int = field(default=0, metadata={"help": "linear warm-up iterations"})
     clip_grad: float = field(
         default=0.0, metadata={"help": "max gradient norm (0: off; DETR's is 0.1)"}
@@ -154,6 +157,19 @@ class DETRConfig(TrainConfig):
         }
         build_matcher(self.matcher, **self.matcher_options)  # every value checked now
 
+    @classmethod
+    def upgrade(cls, stored: dict) -> dict:
+        """A config stored by an older version: it always stored the UOT matcher's options
+        (kept only for ``--matcher uot``), and ``lr_drop`` 0 meant "2/3 of the epochs"."""
+        stored = dict(stored)
+        stored.setdefault("overwrite", False)
+        if stored.get("lr_drop") == 0:
+            stored["lr_drop"] = None
+        if stored.get("matcher") != "uot":
+            for name in MATCHER_FIELDS:
+                stored[name] = None
+        return stored
+
     def _apply_preset(self, preset: dict) -> None:
         """Set the preset's fields. On the command line a field given explicitly is checked by
         :func:`~detectors.common.config.parse_config`; here a field away from both its default
@@ -215,6 +231,7 @@ def title(cfg: DETRConfig) -> str:
     return f"DETR-{cfg.matcher}{weighting}"
 
 
+@command("python -m detectors.detr.train")
 def main(argv=None) -> dict:
     cfg = parse_config(
         DETRConfig,
@@ -224,7 +241,7 @@ def main(argv=None) -> dict:
     )
     device, distributed = setup(cfg)
     train_set, val_set = datasets(cfg)
-    model = build_model(cfg, train_set.num_classes).to(device)
+    model = build(build_model, cfg, train_set.num_classes).to(device)
     criterion = build_criterion(cfg, train_set.num_classes).to(device)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
@@ -232,7 +249,7 @@ def main(argv=None) -> dict:
         {"params": [p for n, p in trainable if n.startswith("backbone.")], "lr": cfg.lr_backbone},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    drop_epoch = cfg.lr_drop or max(1, round(cfg.epochs * 2 / 3))
+    drop_epoch = cfg.lr_drop if cfg.lr_drop is not None else max(1, round(cfg.epochs * 2 / 3))
 
     def lr_lambda(per_epoch: int, total: int):
         def f(it: int) -> float:

@@ -19,6 +19,7 @@ def main(argv=None) -> dict:
         "detectors.fcos.train",
         __doc__.split("\n\n")[0],
         title=lambda cfg: f"FCOS-{cfg.assigner}",
+        prog="python -m detectors.fcos.evaluate",
     )
 
 

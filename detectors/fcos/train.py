@@ -12,12 +12,21 @@ relative to ``DIR`` (what ``python -m detectors.data.colorboxes`` writes). ``--o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from detectors.common.backbone import build_resnet
 from detectors.common.config import parse_config
-from detectors.common.trainer import TrainConfig, datasets, fit, setup, warmup_cosine
+from detectors.common.trainer import (
+    TrainConfig,
+    build,
+    command,
+    datasets,
+    fit,
+    setup,
+    warmup_cosine,
+)
 from detectors.fcos.loss import FCOSLoss
 from detectors.fcos.model import FCOS
 from uotmatch.detection import ASSIGNERS, SIMOTA_GEOMETRIES, build_assigner, options_of
@@ -112,12 +121,34 @@ class FCOSConfig(TrainConfig):
         self.assigner_options = given
         build_assigner(self.assigner, **given)  # every value checked now, not at the first step
 
+    #: Fields of checkpoints written before the one detection API: old name -> new name.
+    LEGACY_FIELDS: ClassVar[dict] = {"q": "candidate_topk"}
+
+    @classmethod
+    def upgrade(cls, stored: dict) -> dict:
+        """A config stored by an older version: ``q`` is ``candidate_topk``, 0 meant "the
+        assigner's default" (now: not given), and the solver options it always stored (eps,
+        tau1, tau2) are kept only where the assigner takes them."""
+        stored = {cls.LEGACY_FIELDS.get(k, k): v for k, v in stored.items()}
+        for name in ("radius", "k", "candidate_topk"):
+            if stored.get(name) == 0:
+                stored[name] = None
+        stored.setdefault("overwrite", False)
+        for name in ASSIGNER_FIELDS:
+            stored.setdefault(name, None)
+        takes = options_of(ASSIGNERS.get(stored.get("assigner"), object))
+        for name in ("eps", "tau1", "tau2"):
+            if name not in takes:
+                stored[name] = None
+        return stored
+
 
 def build_model(cfg: FCOSConfig, num_classes: int) -> FCOS:
     backbone = build_resnet(cfg.depth, cfg.freeze_at, cfg.backbone_weights or None)
     return FCOS(num_classes, backbone, cfg.channels, cfg.head_depth)
 
 
+@command("python -m detectors.fcos.train")
 def main(argv=None) -> dict:
     cfg = parse_config(
         FCOSConfig,
@@ -127,7 +158,7 @@ def main(argv=None) -> dict:
     )
     device, distributed = setup(cfg)
     train_set, val_set = datasets(cfg)
-    model = build_model(cfg, train_set.num_classes).to(device)
+    model = build(build_model, cfg, train_set.num_classes).to(device)
     criterion = FCOSLoss(build_assigner(cfg.assigner, **cfg.assigner_options))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(

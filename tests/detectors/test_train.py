@@ -72,7 +72,7 @@ def test_non_finite_loss_stops_with_a_clear_error():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = [Batch(images=torch.ones(2, 1))]
-    with pytest.raises(NonFiniteLossError, match="epoch 0, iteration 0: the loss is nan"):
+    with pytest.raises(NonFiniteLossError, match="epoch 1, iteration 0: the loss is nan"):
         train_one_epoch(
             model, criterion, loader, opt, sched, scaler, torch.device("cpu"), 0, progress=False
         )
@@ -84,8 +84,9 @@ def test_bad_input(data, tmp_path, capsys):
     assert "--data is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fcos_train.main(["--data", str(data), "--assigner", "nearest"])
-    with pytest.raises(ValueError, match="instances_train.json"):
+    with pytest.raises(SystemExit):
         fcos_train.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), *SMALL])
+    assert "instances_train.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fcos_evaluate.main(["--checkpoint", str(tmp_path / "none.pth"), "--data", str(data)])
     assert "none.pth does not exist" in capsys.readouterr().err

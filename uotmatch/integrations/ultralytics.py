@@ -123,8 +123,9 @@ class UOTDetectionModel(DetectionModel):
     def init_criterion(self):
         criterion = super().init_criterion()
         if type(criterion) is not v8DetectionLoss:
+            name = type(criterion).__name__
             raise ValueError(
-                f"trainer(assigner) supports v8-style detection losses, not {type(criterion).__name__} "
+                f"trainer(assigner) supports v8-style detection losses, not {name} "
                 "(end-to-end heads such as YOLOv10's match one-to-one on their own)"
             )
         criterion.assigner = TaskAssigner(self.uotmatch_assigner, criterion.stride.tolist())
