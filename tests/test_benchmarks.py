@@ -2,7 +2,12 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -14,13 +19,26 @@ def _load(name):
     return module
 
 
-def test_bench_solver_quick(capsys):
-    rows = _load("bench_solver").main(["--quick", "--repeats", "1"])
-    assert len(rows) == 3
+def test_bench_solver_quick(capsys, tmp_path):
+    out = tmp_path / "solver.md"
+    rows = _load("bench_solver").main(["--quick", "--large", "--repeats", "1", "--out", str(out)])
+    assert len(rows) == 3 + 5  # OTA, DETR x 2 taus; Deformable-DETR and DINO x 2, YOLO-1280
     for row in rows:
-        ours_error, pot_error = row[5], row[9]
+        ours_error, pot_error = row[5], row[11]
         assert ours_error < 1e-3 and pot_error < 1e-3
-    assert "| OTA-like (error < 0.001) |" in capsys.readouterr().out
+        # The returned plan alone is [B, M, N + 1]: at least one copy of the cost.
+        assert row[7] >= 1.0
+    printed = capsys.readouterr().out
+    assert "| OTA-like (error < 0.001) |" in printed and "| YOLO-1280-like" in printed
+    assert out.read_text().strip() in printed
+
+
+def test_peak_memory_counts_what_a_call_holds():
+    peak_memory = _load("bench_solver").peak_memory
+    x = torch.ones(1000, 1000)
+    assert peak_memory(lambda: torch.empty(250_000), (x,)) == 1_000_000  # float32 bytes
+    # x * 2 and its exp are alive at once; x itself (an input) is not counted.
+    assert peak_memory(lambda: (x * 2).exp(), (x,)) == 8_000_000
 
 
 def test_bench_assigners_quick(capsys, tmp_path):
@@ -81,3 +99,29 @@ def test_detr_convergence_quick(tmp_path, capsys):
     assert saved["runs"] == json.loads(json.dumps(runs))
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "| epoch | hungarian AP | ot AP |" in capsys.readouterr().out
+
+
+def test_gpu_check_script_dry_run(tmp_path):
+    """scripts/gpu_check.sh runs its steps (at smoke sizes on the CPU) and writes every table;
+    asked for CUDA where there is none, it stops at once with a one-line reason."""
+    script = BENCH.parent / "scripts" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(tmp_path / "none")}
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(script), str(out)],
+        env={**env, "GPU_CHECK_DEVICE": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "dry run on the CPU" in (out / "env.txt").read_text()
+    assert "| YOLO-1280-like (error < 0.001) |" in (out / "solver.md").read_text()
+    assert "| crowded, 50 gts/image |" in (out / "assigners.md").read_text()
+    assert "== tests: exit 0" in done.stdout
+    if not torch.cuda.is_available():
+        refused = subprocess.run(
+            ["bash", str(script), str(tmp_path / "gpu")], env=env, capture_output=True, text=True
+        )
+        assert refused.returncode == 2
+        assert "torch sees no CUDA device" in refused.stdout + refused.stderr

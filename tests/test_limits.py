@@ -18,28 +18,39 @@ INF = math.inf
 seeds = st.integers(0, 2**32 - 1)
 
 
+def _t(device, x):
+    """A numpy array as a float64 tensor on ``device``."""
+    return torch.as_tensor(x, dtype=torch.float64, device=device)
+
+
+def _np(x):
+    return x.cpu().numpy()
+
+
 @given(seeds, st.integers(1, 8), st.integers(1, 6), st.booleans())
-def test_nearest_ground_truth_is_row_argmin(seed, M, N, with_bg):
+def test_nearest_ground_truth_is_row_argmin(device, seed, M, N, with_bg):
     rng = np.random.default_rng(seed)
     C = rng.uniform(0, 1, (M, N))
     a = rng.uniform(0.5, 2, M)
-    m = uotmatch.match(C, 0.0, INF, 0.0, a=a, background_cost=0.5 if with_bg else None)
+    bg = 0.5 if with_bg else None
+    m = uotmatch.match(_t(device, C), 0.0, INF, 0.0, a=_t(device, a), background_cost=bg)
+    assert m.plan.device == device
     full = np.c_[C, np.full(M, 0.5)] if with_bg else C
     expected = np.zeros_like(full)
     expected[np.arange(M), full.argmin(1)] = a
-    np.testing.assert_array_equal(m.plan, expected)
-    np.testing.assert_allclose(m.f, full.min(1))
+    np.testing.assert_array_equal(_np(m.plan), expected)
+    np.testing.assert_allclose(_np(m.f), full.min(1))
 
 
 @given(seeds, st.integers(1, 8), st.integers(1, 6))
-def test_best_prediction_is_column_argmin(seed, M, N):
+def test_best_prediction_is_column_argmin(device, seed, M, N):
     rng = np.random.default_rng(seed)
     C = rng.uniform(0, 1, (M, N))
     b = rng.uniform(0.5, 2, N)
-    m = uotmatch.match(C, 0.0, 0.0, INF, b=b)
+    m = uotmatch.match(_t(device, C), 0.0, 0.0, INF, b=_t(device, b))
     expected = np.zeros_like(C)
     expected[C.argmin(0), np.arange(N)] = b
-    np.testing.assert_array_equal(m.plan, expected)
+    np.testing.assert_array_equal(_np(m.plan), expected)
 
 
 def test_ties_split_evenly():
@@ -56,63 +67,66 @@ def test_ties_split_evenly():
 
 
 @given(seeds, st.integers(1, 7), st.integers(0, 7))
-def test_hungarian_limit_equals_scipy(seed, M, N):
+def test_hungarian_limit_equals_scipy(device, seed, M, N):
     """Unit masses + background: each gt to a distinct prediction minimising the total cost."""
     rng = np.random.default_rng(seed)
     N = min(N, M)
     C = rng.uniform(0, 1, (M, N))
     bg = rng.uniform(0, 1, M)
-    m = uotmatch.match(C, 0.0, background_cost=bg)
+    m = uotmatch.match(_t(device, C), 0.0, background_cost=_t(device, bg))
+    assert m.plan.device == device
+    plan = _np(m.plan)
     # reference: square problem with the background column replicated M - N times
     square = np.c_[C, np.repeat(bg[:, None], M - N, axis=1)]
     r, c = linear_sum_assignment(square)
-    assert np.isclose((m.plan * np.c_[C, bg]).sum(), square[r, c].sum())
-    plan = m.plan
+    assert np.isclose((plan * np.c_[C, bg]).sum(), square[r, c].sum())
     assert set(np.unique(plan)) <= {0.0, 1.0}
     np.testing.assert_array_equal(plan.sum(1), np.ones(M))
     np.testing.assert_array_equal(plan[:, :N].sum(0), np.ones(N))
 
 
 @given(seeds, st.integers(1, 7))
-def test_square_hungarian_equals_scipy_pairs(seed, n):
+def test_square_hungarian_equals_scipy_pairs(device, seed, n):
     rng = np.random.default_rng(seed)
     C = rng.uniform(0, 1, (n, n))
-    pred, gt = uotmatch.match(torch.tensor(C), 0.0).pairs()
+    pred, gt = uotmatch.match(_t(device, C), 0.0).pairs()
     r, c = linear_sum_assignment(C)
     assert pred.tolist() == r.tolist() and gt.tolist() == c.tolist()
 
 
 @given(seeds, st.integers(1, 6), st.integers(1, 5))
-def test_balanced_limit_with_masses_equals_emd(seed, M, N):
+def test_balanced_limit_with_masses_equals_emd(device, seed, M, N):
     rng = np.random.default_rng(seed)
     C = rng.uniform(0, 1, (M, N))
     a = rng.uniform(0.5, 2, M)
     b = rng.uniform(0.5, 2, N)
     b *= a.sum() / b.sum()
-    m = uotmatch.match(C, 0.0, a=a, b=b)
+    m = uotmatch.match(_t(device, C), 0.0, a=_t(device, a), b=_t(device, b))
+    plan, f, g = _np(m.plan), _np(m.f), _np(m.g)
     ref = ot.emd(a, b, C)
-    assert np.isclose((m.plan * C).sum(), (ref * C).sum(), atol=1e-10)
-    np.testing.assert_allclose(m.plan.sum(1), a, atol=1e-10)
-    np.testing.assert_allclose(m.plan.sum(0), b, atol=1e-10)
+    assert np.isclose((plan * C).sum(), (ref * C).sum(), atol=1e-10)
+    np.testing.assert_allclose(plan.sum(1), a, atol=1e-10)
+    np.testing.assert_allclose(plan.sum(0), b, atol=1e-10)
     # exact duals: f + g <= C everywhere, with equality on the support
-    slack = C - m.f[:, None] - m.g[None, :]
-    assert slack.min() > -1e-9 and np.all(np.abs(slack[m.plan > 1e-12]) < 1e-9)
+    slack = C - f[:, None] - g[None, :]
+    assert slack.min() > -1e-9 and np.all(np.abs(slack[plan > 1e-12]) < 1e-9)
 
 
-def test_forbidden_pairs_in_the_exact_limits():
-    C = torch.tensor([[INF, 0.3], [0.2, INF], [0.1, 0.1]])
+def test_forbidden_pairs_in_the_exact_limits(device):
+    C = torch.tensor([[INF, 0.3], [0.2, INF], [0.1, 0.1]], device=device)
     m = uotmatch.match(C, 0.0, background_cost=1.0)
     assert m.plan[0, 0] == 0 and m.plan[1, 1] == 0
     # row 2 -> B and row 1 -> A, row 0 to background: 0.1 + 0.2 + 1.0 = 1.3 (vs 1.5 otherwise)
     assert m.assignment().tolist() == [-1, 0, 1]
     with pytest.raises(ValueError, match="column 1 has mass but no finite-cost prediction"):
-        uotmatch.match(torch.tensor([[0.1, INF], [0.2, INF]]), 0.0)
+        uotmatch.match(torch.tensor([[0.1, INF], [0.2, INF]], device=device), 0.0)
     # every line has a finite entry, yet rows 0 and 1 both need column 0 (Hall's condition fails)
-    hall = torch.tensor([[0.1, INF, INF], [0.2, INF, INF], [0.3, 0.3, 0.3]])
+    hall = torch.tensor([[0.1, INF, INF], [0.2, INF, INF], [0.3, 0.3, 0.3]], device=device)
     with pytest.raises(ValueError, match="no feasible plan"):
         uotmatch.match(hall, 0.0)
     with pytest.raises(ValueError, match="no feasible plan"):
-        uotmatch.match(hall, 0.0, a=[1.0, 1.0, 1.5], b=[1.0, 1.0, 1.5])  # the ot.emd path
+        masses = hall.new_tensor([1.0, 1.0, 1.5])
+        uotmatch.match(hall, 0.0, a=masses, b=masses)  # the ot.emd path
 
 
 def _optimality_gap(C):
@@ -123,7 +137,7 @@ def _optimality_gap(C):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_small_eps_decodes_to_the_optimal_assignment(seed):
+def test_small_eps_decodes_to_the_optimal_assignment(seed, device):
     """With hard marginals, eps well below the optimality gap decodes to the exact optimum."""
     rng = np.random.default_rng(seed)
     n = 6
@@ -132,7 +146,7 @@ def test_small_eps_decodes_to_the_optimal_assignment(seed):
     eps = gap / (4 * math.log(math.factorial(n)))
     # Near-degenerate instances converge slowly at such eps (for POT too); decoding needs only a
     # small marginal error, not convergence to the last digit.
-    m = uotmatch.match(torch.tensor(C), eps, tol=1e-6, max_iter=3000)
+    m = uotmatch.match(_t(device, C), eps, tol=1e-6, max_iter=3000)
     assert float(m.marginal_error) < 1e-3
     r, c = linear_sum_assignment(C)
     assert m.assignment().tolist() == c[np.argsort(r)].tolist()

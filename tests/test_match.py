@@ -198,10 +198,10 @@ def test_numpy_and_list_round_trip():
     assert lst.assignment() == [0, 1, -1]
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(device):
     g_ = torch.Generator().manual_seed(0)
     for tau1, tau2, bg in [(INF, INF, 0.5), (1.0, 0.5, None), (INF, 2.0, None)]:
-        C = torch.rand(4, 3, generator=g_, dtype=torch.float64, requires_grad=True)
+        C = torch.rand(4, 3, generator=g_, dtype=torch.float64).to(device).requires_grad_()
 
         def plan(c, tau1=tau1, tau2=tau2, bg=bg):
             return uotmatch.match(
@@ -211,12 +211,13 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(plan, (C,))
 
 
-def test_gradcheck_through_the_background_cost_alone():
+def test_gradcheck_through_the_background_cost_alone(device):
     """The documented gradient inputs include ``background_cost``: a cost without grad and a
     background cost with it still give a differentiable plan."""
     g_ = torch.Generator().manual_seed(1)
-    C = torch.rand(5, 3, generator=g_, dtype=torch.float64)
-    bg = (torch.rand(5, generator=g_, dtype=torch.float64) * 0.5 + 0.2).requires_grad_()
+    C = torch.rand(5, 3, generator=g_, dtype=torch.float64).to(device)
+    bg = (torch.rand(5, generator=g_, dtype=torch.float64) * 0.5 + 0.2).to(device)
+    bg.requires_grad_()
 
     def plan(bg):
         return uotmatch.match(C, 0.2, background_cost=bg, tol=1e-14, max_iter=5000).plan

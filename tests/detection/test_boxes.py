@@ -5,12 +5,14 @@ import torch
 from uotmatch.detection import boxes as B
 
 
-def test_iou_and_giou_by_hand():
-    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
-    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [4.0, 4.0, 5.0, 5.0]])
+def test_iou_and_giou_by_hand(device):
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]], device=device)
+    b = torch.tensor(
+        [[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [4.0, 4.0, 5.0, 5.0]], device=device
+    )
     # overlap 1, union 7; identical; disjoint with hull 5x5 = 25, union 5
-    torch.testing.assert_close(B.box_iou(a, b), torch.tensor([[1 / 7, 1.0, 0.0]]))
-    expected = torch.tensor([[1 / 7 - (9 - 7) / 9, 1.0, 0.0 - (25 - 5) / 25]])
+    torch.testing.assert_close(B.box_iou(a, b), a.new_tensor([[1 / 7, 1.0, 0.0]]))
+    expected = a.new_tensor([[1 / 7 - (9 - 7) / 9, 1.0, 0.0 - (25 - 5) / 25]])
     torch.testing.assert_close(B.generalized_box_iou(a, b), expected)
     torch.testing.assert_close(B.aligned_iou(a.expand(3, 4), b), expected.new_tensor([1 / 7, 1, 0]))
     torch.testing.assert_close(B.aligned_giou(a.expand(3, 4), b), expected[0])
@@ -24,10 +26,10 @@ def test_batched_shapes():
     torch.testing.assert_close(B.box_iou(a, b)[1], B.box_iou(a[1], b[1]))
 
 
-def test_degenerate_boxes_give_zero_not_nan():
-    point = torch.tensor([[1.0, 1.0, 1.0, 1.0]])  # zero area
-    line = torch.tensor([[0.0, 0.0, 2.0, 0.0]])
-    box = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+def test_degenerate_boxes_give_zero_not_nan(device):
+    point = torch.tensor([[1.0, 1.0, 1.0, 1.0]], device=device)  # zero area
+    line = torch.tensor([[0.0, 0.0, 2.0, 0.0]], device=device)
+    box = torch.tensor([[0.0, 0.0, 2.0, 2.0]], device=device)
     for x, y in [(point, box), (point, point), (line, line), (line, box)]:
         for fn in (B.box_iou, B.generalized_box_iou):
             out = fn(x, y)

@@ -33,18 +33,21 @@ def test_points_are_the_feature_map_cells():
     assert out["points"][-1].tolist() == [192.0, 64.0] and out["strides"][-1] == 128
 
 
-def test_outputs(tiny_batch):
-    out = _model()(tiny_batch["images"])
+def test_outputs(tiny_batch, device):
+    model = _model().to(device)
+    out = model(tiny_batch.to(device)["images"])
     A = out["points"].shape[0]
+    assert out["cls_logits"].device == device
     assert out["cls_logits"].shape == (4, A, 20) and out["boxes"].shape == (4, A, 4)
     assert (out["ltrb"] >= 0).all()
-    dets = _model().detect(out)
+    dets = model.detect(out)
     assert len(dets) == 4 and all(d["boxes"].shape[-1] == 4 for d in dets)
 
 
 @pytest.mark.parametrize("name", list(ASSIGNERS))
-def test_every_assigner_trains(name, tiny_batch):
-    model = _model()
+def test_every_assigner_trains(name, tiny_batch, device):
+    model = _model().to(device)
+    tiny_batch = tiny_batch.to(device)
     options = {"tau1": 10.0, "tau2": 10.0} if name == "uot" else {}
     assigner = build_assigner(name, **options)
     criterion = FCOSLoss(assigner)

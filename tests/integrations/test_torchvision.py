@@ -99,18 +99,20 @@ def test_the_default_matching_is_replaced_not_wrapped(samples):
     assert int(ours.uotmatch_result.num_fg.sum()) > 0
 
 
-def test_no_nan_on_empty_images_and_tiny_boxes():
+def test_no_nan_on_empty_images_and_tiny_boxes(device):
     """An image without boxes, one with a 1-pixel box (OTA gives it its nearest point, outside
     the box: centerness would take sqrt of a negative number) and a crowded pile."""
-    model = use_assigner(_fcos(), OTAAssigner()).train()
-    images = [torch.rand(3, 96, 96) for _ in range(3)]
+    model = use_assigner(_fcos(), OTAAssigner()).to(device).train()
+    images = [torch.rand(3, 96, 96, device=device) for _ in range(3)]
     pile = torch.tensor([[20.0 + i, 20.0 + i, 50.0 + i, 50.0 + i] for i in range(12)])
     targets = [
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
         {"boxes": torch.tensor([[40.3, 40.3, 41.2, 41.2]]), "labels": torch.tensor([3])},
         {"boxes": pile, "labels": torch.arange(12) % 20},
     ]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     losses = model(images, targets)
+    assert model.uotmatch_result.gt_index.device == device
     assert all(math.isfinite(float(v.detach())) for v in losses.values()), losses
     index = model.uotmatch_result.gt_index
     assert (index[0] == -1).all() and (index[1] == 0).sum() >= 1 and (index[2] >= 0).sum() >= 1
