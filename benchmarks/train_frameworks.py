@@ -17,9 +17,11 @@ Runs (``--runs``, default all):
   (mosaic included), ``amp=False, plots=False`` on a CPU.
 
 Every run is evaluated the same way: its detections on the validation images, scored by
-``detectors.common.evaluation`` (faster-coco-eval): AP, AP50, AR100. The step time is the mean
-time of a training step relative to the framework's own assignment. Results go to
-``OUT/results.json`` and a markdown table (``OUT/table.md``).
+``detectors.common.evaluation`` (faster-coco-eval): AP, AP50, AR100. The step time is a
+training step's (forward, loss, backward) relative to the framework's own assignment, measured
+after the runs on the same batches, alternating between the two (``OUT/paired_step_s.json``;
+``--step-rounds 0`` uses the runs' own step times instead, which see whatever else the machine
+was doing). Results go to ``OUT/results.json`` and a markdown table (``OUT/table.md``).
 """
 
 from __future__ import annotations
@@ -234,11 +236,114 @@ def train_yolo(name, data: Path, yolo_data: Path, args, seed: int, out: Path) ->
     return {**metrics, "step_s": statistics.median(timer.times[len(timer.times) // 10 :])}
 
 
+# -- step time, paired ----------------------------------------------------------------------------
+
+
+def _batches(data: Path, size: int, count: int, batch_size: int):
+    """``count`` training batches of Color Boxes as (images, targets) lists."""
+    train = CocoDetection(data, data / "annotations" / "instances_train.json")
+    out = []
+    for start in range(0, count * batch_size, batch_size):
+        samples = [train[i % len(train)] for i in range(start, start + batch_size)]
+        images = [im for im, _ in samples]
+        targets = [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in samples]
+        out.append((images, targets))
+    return train.num_classes, out
+
+
+def _alternate(steps: dict, batches, rounds: int) -> dict:
+    """Each step function timed on the same batches in alternating rounds (same machine load
+    for both); returns per name the median over rounds of the per-batch median time."""
+    times = {name: [] for name in steps}
+    for r in range(rounds + 1):
+        for name, step in steps.items():
+            per_batch = []
+            for batch in batches:
+                start = time.perf_counter()
+                step(batch)
+                per_batch.append(time.perf_counter() - start)
+            if r:  # round 0 warms up
+                times[name].append(statistics.median(per_batch))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def paired_step_times(data: Path, args, rounds: int = 3, count: int = 6) -> dict:
+    """Training-step time (forward, loss, backward) of each framework's own assignment and of
+    ours, on the same batches and models of the same initialisation, timed alternately in one
+    process: the step-time ratios of the table, free of the load other jobs put on the machine
+    during the (sequential) training runs."""
+    import warnings
+
+    num_classes, batches = _batches(data, args.size, count, args.batch_size)
+    out = {}
+
+    def tv_step(model):
+        def step(batch):
+            model.zero_grad()
+            sum(model(*batch).values()).backward()
+
+        return step
+
+    steps = {}
+    for name in ("tv-fcos", "tv-fcos-ota"):
+        torch.manual_seed(0)
+        model = _tv_model(num_classes, args.size, _assigner(name), args.tv_channels, args.tv_convs)
+        steps[name] = tv_step(model.train())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # slow-converging solves say so
+        out.update(_alternate(steps, batches, rounds))
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-config-"))
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
+
+    from uotmatch.integrations.ultralytics import TaskAssigner
+
+    def yolo_batch(images, targets):
+        idx, cls, xywh = [], [], []
+        for i, t in enumerate(targets):
+            b = t["boxes"] / args.size
+            idx.append(torch.full((len(b),), float(i)))
+            cls.append(t["labels"].float()[:, None])
+            xywh.append(torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1))
+        return {
+            "img": torch.stack(images),
+            "batch_idx": torch.cat(idx),
+            "cls": torch.cat(cls),
+            "bboxes": torch.cat(xywh),
+        }
+
+    yolo_batches = [yolo_batch(*b) for b in batches]
+    steps = {}
+    for name in ("yolo-tal", "yolo-ota", "yolo-uot"):
+        torch.manual_seed(0)
+        model = DetectionModel("yolov8n.yaml", nc=num_classes, verbose=False)
+        model.args = IterableSimpleNamespace(**DEFAULT_CFG_DICT)
+        model.criterion = model.init_criterion()
+        assigner = _assigner(name)
+        if assigner is not None:
+            model.criterion.assigner = TaskAssigner(assigner, model.criterion.stride.tolist())
+
+        def step(batch, model=model):
+            model.zero_grad()
+            loss, _ = model.loss(batch)
+            loss.sum().backward()
+
+        steps[name] = step
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out.update(_alternate(steps, yolo_batches, rounds))
+    return out
+
+
 # -- the table -----------------------------------------------------------------------------------
 
 
-def table(results: dict) -> str:
-    """Mean (and range over seeds) of AP, AP50, AR100 and the step-time ratio per run."""
+def table(results: dict, paired: dict | None = None) -> str:
+    """Mean (and range over seeds) of AP, AP50, AR100 per run, and the step-time ratio against
+    the framework's own assignment: from ``paired`` (:func:`paired_step_times`) when given,
+    else from the training runs' own step times (which saw whatever load the machine had)."""
     lines = [
         "| framework | assignment | seeds | AP | AP50 | AR100 | step time vs its own |",
         "|---|---|---|---|---|---|---|",
@@ -261,9 +366,13 @@ def table(results: dict) -> str:
                 return f"{mean:.1f}"
             return f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
 
-        base = results.get(own[name.split("-")[0]], {})
-        ratios = [r["step_s"] / base[s]["step_s"] for s, r in by_seed.items() if s in base]
-        ratio = f"{statistics.mean(ratios):.2f}x" if ratios else "n/a"
+        base_name = own[name.split("-")[0]]
+        if paired and name in paired and base_name in paired:
+            ratio = f"{paired[name] / paired[base_name]:.2f}x"
+        else:
+            base = results.get(base_name, {})
+            ratios = [r["step_s"] / base[s]["step_s"] for s, r in by_seed.items() if s in base]
+            ratio = f"{statistics.mean(ratios):.2f}x" if ratios else "n/a"
         framework, assignment = labels[name]
         lines.append(
             f"| {framework} | {assignment} | {len(runs)} | {stat('AP')} | {stat('AP50')} "
@@ -287,6 +396,12 @@ def main(argv=None):
     p.add_argument("--tv-convs", type=int, default=2, help="torchvision FCOS convs per tower")
     p.add_argument("--yolo-epochs", type=int, default=30)
     p.add_argument("--device", default="cpu", help="cpu, or a CUDA device index (0)")
+    p.add_argument(
+        "--step-rounds",
+        type=int,
+        default=3,
+        help="rounds of the paired step timing (0: use the training runs' step times)",
+    )
     args = p.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +430,14 @@ def main(argv=None):
             path.write_text(json.dumps(results, indent=1))  # after every run: resumable
             ap, ap50, ar = (100 * r[k] for k in ("AP", "AP50", "AR100"))
             print(f"  AP {ap:.1f}, AP50 {ap50:.1f}, AR100 {ar:.1f}")
-    text = table({name: results[name] for name in RUNS if name in results})
+    paired = None
+    if args.step_rounds and args.device == "cpu":
+        paired_path = out / "paired_step_s.json"
+        if not paired_path.exists():  # delete it to measure again
+            print(f"paired step timing ({args.step_rounds} rounds)")
+            paired_path.write_text(json.dumps(paired_step_times(data, args, args.step_rounds)))
+        paired = json.loads(paired_path.read_text())
+    text = table({name: results[name] for name in RUNS if name in results}, paired)
     (out / "table.md").write_text(text + "\n")
     print(text)
     return results
