@@ -4,6 +4,8 @@ and at the page's width sees.
 * Math is rendered offline: the pages load MathJax from ``_static``, never from a CDN.
 * No code line is wider than the page: every line of a ``<pre>`` block fits in ``MAX_CODE``
   characters (expected-output comments included), so none hides behind a scroll bar.
+* The API page types every parameter (none shown as ``Any``) and lists no private constructor
+  fields as parameters (``Matching`` is built by ``match()``, not by users).
 * Tutorial figures are readable at the page's width: none is wider than ``MAX_FIGURE_PX``
   pixels (the page shows about 660; a wider figure is shrunk, its text with it).
 
@@ -47,6 +49,15 @@ def check(site: Path) -> list[str]:
             for line in html.unescape(re.sub(r"<[^>]+>", "", block)).splitlines():
                 if len(line) > MAX_CODE:
                     problems.append(f"{rel}: a code line of {len(line)} characters: {line[:60]}...")
+    api = site / "api.html"
+    if api.exists():
+        text = html.unescape(re.sub(r"<[^>]+>", "", api.read_text(encoding="utf-8")))
+        if re.search(r"\(Any\)", text):
+            problems.append("api.html: a parameter typed as Any")
+        start = text.find("class uotmatch.Matching")
+        end = text.find("property", start)
+        if start >= 0 and "Parameters" in text[start:end]:
+            problems.append("api.html: Matching lists its private constructor fields as parameters")
     images = site / "_images"
     for png in sorted(images.glob("sphx_glr_plot_*.png")) if images.exists() else []:
         if "thumb" not in png.name and png_width(png) > MAX_FIGURE_PX:

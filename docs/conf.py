@@ -46,6 +46,9 @@ suppress_warnings = ["myst.header"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# Types for the parameters a docstring documents, so a class whose constructor is private
+# (Matching) lists no constructor fields as parameters.
+autodoc_typehints_description_target = "documented_params"
 autodoc_default_options = {"members": True, "show-inheritance": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
