@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from detectors.common.data import CocoDetection
-from detectors.common.evaluation import coco_evaluate
+from detectors.common.evaluation import coco_detections, coco_evaluate
 from detectors.data import colorboxes
 from detectors.data.yolo import write_yolo
 
@@ -142,19 +142,13 @@ def train_torchvision(name, data: Path, args, seed: int) -> dict:
             samples = [val[j] for j in range(i, min(i + args.batch_size, len(val)))]
             outputs = model([im.to(device) for im, _ in samples])
             for (_, target), out in zip(samples, outputs, strict=True):
-                for box, score, label in zip(
-                    out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(),
-                    strict=True,
-                ):  # fmt: skip
-                    x1, y1, x2, y2 = box
-                    detections.append(
-                        {
-                            "image_id": target["image_id"],
-                            "category_id": val.cat_ids[label],
-                            "bbox": [x1, y1, x2 - x1, y2 - y1],
-                            "score": score,
-                        }
-                    )
+                detections += coco_detections(
+                    target["image_id"],
+                    out["boxes"].tolist(),
+                    out["scores"].tolist(),
+                    out["labels"].tolist(),
+                    val.cat_ids,
+                )
     metrics = coco_evaluate(val.ann_file, detections, image_ids=val.ids)
     return {**metrics, "step_s": statistics.median(step_times[len(step_times) // 10 :])}
 
@@ -220,18 +214,13 @@ def train_yolo(name, data: Path, yolo_data: Path, args, seed: int, out: Path) ->
             verbose=False,
         )[0]
         boxes = result.boxes
-        for box, score, label in zip(
-            boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.long().tolist(), strict=True
-        ):
-            x1, y1, x2, y2 = box
-            detections.append(
-                {
-                    "image_id": image_id,
-                    "category_id": val.cat_ids[label],
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": score,
-                }
-            )
+        detections += coco_detections(
+            image_id,
+            boxes.xyxy.tolist(),
+            boxes.conf.tolist(),
+            boxes.cls.long().tolist(),
+            val.cat_ids,
+        )
     metrics = coco_evaluate(val.ann_file, detections, image_ids=val.ids)
     return {**metrics, "step_s": statistics.median(timer.times[len(timer.times) // 10 :])}
 

@@ -12,7 +12,7 @@ from torch import nn
 from detectors.common.data import images_only
 from detectors.common.dist import all_gather_objects, is_main
 from detectors.common.errors import UsageError
-from detectors.common.evaluation import coco_evaluate
+from detectors.common.evaluation import coco_detections, coco_evaluate
 
 __all__ = ["NonFiniteLossError", "evaluate", "train_one_epoch"]
 
@@ -129,18 +129,13 @@ def evaluate(
             boxes = (res["boxes"] * scale).cpu()
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
-            for box, score, label in zip(
-                boxes.tolist(), res["scores"].tolist(), res["labels"].tolist(), strict=True
-            ):
-                x1, y1, x2, y2 = box
-                detections.append(
-                    {
-                        "image_id": target["image_id"],
-                        "category_id": dataset.cat_ids[label],
-                        "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "score": score,
-                    }
-                )
+            detections += coco_detections(
+                target["image_id"],
+                boxes.tolist(),
+                res["scores"].tolist(),
+                res["labels"].tolist(),
+                dataset.cat_ids,
+            )
     gathered = [d for part in all_gather_objects(detections) for d in part]
     if not is_main():
         return None

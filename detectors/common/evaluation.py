@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-__all__ = ["BACKENDS", "METRICS", "coco_evaluate", "coco_stats", "format_table"]
+__all__ = ["BACKENDS", "METRICS", "coco_detections", "coco_evaluate", "coco_stats", "format_table"]
 
 #: Names of the reported entries of ``COCOeval.stats`` (bbox), in order of their index.
 METRICS = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
@@ -41,6 +41,22 @@ def _coco_classes(backend: str | None):
     raise ImportError(
         "COCO evaluation needs faster-coco-eval or pycocotools: pip install faster-coco-eval"
     )
+
+
+def coco_detections(
+    image_id: int, boxes: list, scores: list, labels: list, cat_ids: list[int]
+) -> list[dict]:
+    """One image's detections in COCO's result format: ``boxes`` as xyxy lists (pixels of the
+    original image), ``labels`` contiguous class indices mapped through ``cat_ids``."""
+    return [
+        {
+            "image_id": image_id,
+            "category_id": cat_ids[label],
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "score": score,
+        }
+        for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels, strict=True)
+    ]
 
 
 def coco_stats(

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from detectors.common.evaluation import METRICS, coco_evaluate, coco_stats, format_table
+from detectors.common.evaluation import (
+    METRICS,
+    coco_detections,
+    coco_evaluate,
+    coco_stats,
+    format_table,
+)
 from detectors.data import colorboxes
 
 
@@ -29,6 +35,18 @@ def test_ground_truth_scores_one(tmp_path):
     assert coco_evaluate(files["val"], [])["AP"] == 0.0
     table = format_table(m)
     assert "| COCO bbox | AP | AP50 |" in table and "100.0" in table
+
+
+def test_coco_detections_are_xywh_with_the_datasets_category_ids():
+    dets = coco_detections(
+        7, [[10.0, 20.0, 40.0, 25.0], [0.0, 0.0, 1.5, 2.0]], [0.9, 0.2], [1, 0], [3, 8]
+    )
+    assert dets == [
+        {"image_id": 7, "category_id": 8, "bbox": [10.0, 20.0, 30.0, 5.0], "score": 0.9},
+        {"image_id": 7, "category_id": 3, "bbox": [0.0, 0.0, 1.5, 2.0], "score": 0.2},
+    ]
+    with pytest.raises(ValueError):  # boxes and scores of different lengths
+        coco_detections(7, [[0.0, 0.0, 1.0, 1.0]], [0.9, 0.2], [0], [3])
 
 
 def test_faster_coco_eval_and_pycocotools_agree(tmp_path):
