@@ -1,7 +1,7 @@
 """Solver speed: uotmatch.match against POT (looped over the batch) and scipy's Hungarian.
 
 Same process, same inputs, every plan scored by the same marginal error (relative L1 violation of
-the optimality conditions, :func:`uotmatch._sinkhorn.marginal_error`). POT gets, per workload,
+the optimality conditions, :func:`uotmatch._state.marginal_error`). POT gets, per workload,
 the loosest ``stopThr`` (its own criterion, checked every 10 iterations) whose plans reach
 error < 1e-3 on every item; we run with ``tol=1e-3``.
 
@@ -45,7 +45,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import uotmatch
-from uotmatch._sinkhorn import plan_error
+from uotmatch._state import plan_error
 from uotmatch.detection import anchor_points
 
 INF = math.inf

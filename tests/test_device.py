@@ -10,7 +10,8 @@ import torch
 
 import uotmatch
 from tests.detection.scenes import as_inputs, scene
-from uotmatch._sinkhorn import Marginal, sinkhorn
+from uotmatch._solver import solve
+from uotmatch._state import Marginal
 from uotmatch.detection import ASSIGNERS, HungarianMatcher, UOTMatcher, build_assigner
 
 INF = math.inf
@@ -128,7 +129,7 @@ def test_the_loop_syncs_only_at_its_checks(monkeypatch, check_every):
     counts = {}
     for max_iter in (200, 400):
         counter = _SyncCounter(monkeypatch)
-        out = sinkhorn(
+        out = solve(
             full, rows, cols, eps=0.01, max_iter=max_iter, tol=1e-300, check_every=check_every
         )
         monkeypatch.undo()
@@ -154,7 +155,7 @@ def test_no_sync_between_checks_on_cuda():
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                sinkhorn(full, rows, cols, eps=0.01, max_iter=max_iter, tol=1e-300, check_every=10)
+                solve(full, rows, cols, eps=0.01, max_iter=max_iter, tol=1e-300, check_every=10)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         counts[max_iter] = sum("synchroniz" in str(w.message) for w in caught)

@@ -16,7 +16,7 @@ from tests.conftest import on
 from tests.reference import pot_plan
 from uotmatch import _screen
 from uotmatch._rows import candidate_rows, gather_rows
-from uotmatch._sinkhorn import plan_error
+from uotmatch._state import plan_error
 
 INF = math.inf
 
@@ -211,7 +211,7 @@ def test_infeasible_column_still_raises_on_screened_sizes():
         solve(cost, bg, a, b, 0.1, screen=True)
 
 
-def test_screen_and_compact_true_are_refused_where_they_cannot_apply():
+def test_screen_true_is_refused_where_it_cannot_apply():
     cost, bg, a, b = detection_scene(1, 50, 4, seed=2)
     with pytest.raises(ValueError, match="screen=True cannot apply: it needs tau1 = tau2 = inf"):
         uotmatch.match(cost, 0.1, 1.0, INF, background_cost=bg, screen=True)
@@ -219,11 +219,6 @@ def test_screen_and_compact_true_are_refused_where_they_cannot_apply():
         uotmatch.match(cost, 0.1, b=torch.full((4,), 12.5), screen=True)
     with pytest.raises(ValueError, match="screen=True cannot apply: eps = 0"):
         uotmatch.match(cost, 0.0, background_cost=bg, screen=True)
-    with pytest.raises(ValueError, match="compact=True cannot apply: it needs tau1 = inf on"):
-        uotmatch.match(cost, 0.1, 0.5, INF, background_cost=bg, compact=True)
-    with pytest.raises(ValueError, match="compact=True cannot apply: .* other tau inf or 0"):
-        uotmatch.match(cost, 0.1, INF, 0.5, background_cost=bg, compact=True)
-    uotmatch.match(cost, 0.1, INF, 0.0, background_cost=bg, compact=True)  # applies
     with pytest.raises(ValueError, match="screen must be True or False"):
         uotmatch.match(cost, 0.1, background_cost=bg, screen="yes")
 

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from uotmatch import _exact, _screen
+from uotmatch import _exact, _newton, _screen
+from uotmatch._precision import PRECISION, cast_plan, overflow_error
 from uotmatch._problem import Problem, full_cost
 from uotmatch._result import STATUSES, Array, Matching
-from uotmatch._sinkhorn import PRECISION, Marginal, sinkhorn
+from uotmatch._solver import solve
+from uotmatch._state import Marginal
 
 __all__ = ["MAX_ITER", "TOL", "match"]
 
@@ -22,6 +24,8 @@ INF = math.inf
 #: The solver budget every entry point defaults to (match, the OT assigners, UOTMatcher).
 MAX_ITER = 1000
 TOL = 1e-5
+#: A budget below this is named as the cause when items run out of it.
+SMALL_BUDGET = 50
 
 
 def match(
@@ -37,7 +41,6 @@ def match(
     max_iter: int = MAX_ITER,
     tol: float = TOL,
     screen: bool | None = None,
-    compact: bool | None = None,
 ) -> Matching:
     r"""Match predictions (rows) to ground truths (columns) by entropic unbalanced OT.
 
@@ -83,9 +86,6 @@ def match(
         screen: background screening (below): None uses it when it applies and pays (1024
             predictions or more), True whenever it applies, False never. True is refused
             (``ValueError``) where it cannot apply.
-        compact: closed-form elimination of the columns whose kernel holds a single usable
-            entry (sparse kernels, e.g. penalty costs): None for large kernels (2^20 entries),
-            True from any size, False never. Balanced problems only; True is refused elsewhere.
 
     Returns:
         A :class:`Matching`: the plan in the caller's container, device and dtype, per-item
@@ -146,7 +146,6 @@ def match(
         max_iter=max_iter,
         tol=tol,
         screen=screen,
-        compact=compact,
     )
     B, M, N = p.cost.shape
     if M * (N + int(p.has_background)) == 0:
@@ -241,44 +240,26 @@ def _screen_rows(p: Problem) -> _screen.Screen | None:
 
 
 def _run(p: Problem, cost: Tensor, rows: Marginal, cols: Marginal, transpose: bool, **kw):
-    """:func:`sinkhorn` on ``cost`` (``[B, M, N]``, or its transpose, then ``rows`` and ``cols``
-    swap places in the call); returns the output and ``(plan, f, g)`` in the problem's
-    orientation and dtype."""
+    """The solver on ``cost`` (``[B, M, N]``, or its transpose, then ``rows`` and ``cols`` swap
+    places in the call); returns the output and ``(plan, f, g)`` in the problem's orientation
+    and dtype."""
     with torch.set_grad_enabled(p.grad):
         first, second = (cols, rows) if transpose else (rows, cols)
-        out = sinkhorn(
+        out = solve(
             cost,
             first,
             second,
             eps=p.eps,
             max_iter=p.max_iter,
             tol=p.tol,
-            compact=p.compact,
             **kw,
         )
     plan, f, g = (out.plan.mT, out.g, out.f) if transpose else (out.plan, out.f, out.g)
     dtype = p.cost.dtype  # a solve moved to float64 for precision comes back in its dtype
     if plan.dtype != dtype:
-        plan = _cast_plan(plan, dtype)
+        plan = cast_plan(plan, dtype)
         f, g, out.error = f.to(dtype), g.to(dtype), out.error.to(dtype)
     return out, plan, f, g
-
-
-def _cast_plan(plan: Tensor, dtype: torch.dtype) -> Tensor:
-    """``plan`` in ``dtype``; entries beyond its range are an error, not an infinite plan."""
-    big = torch.finfo(dtype).max
-    if bool((plan > big).any()):
-        raise _overflow(float(plan.amax()), dtype)
-    return plan.to(dtype)
-
-
-def _overflow(largest: float, dtype: torch.dtype) -> ValueError:
-    return ValueError(
-        f"the optimal plan has entries up to {largest:.3g}, beyond the range of {dtype} "
-        f"({torch.finfo(dtype).max:.3g}): with small taus its mass grows like "
-        "exp(-C / (eps + tau1 + tau2)) for negative costs. Use a float64 cost, a larger eps or "
-        "larger taus, or costs that are not so negative."
-    )
 
 
 def _solve_dense(p: Problem) -> _Solution:
@@ -323,25 +304,72 @@ def _solve_screened(p: Problem, screen: _screen.Screen) -> _Solution:
     )
 
 
+def _slow_cause(p: Problem) -> str:
+    """The likely cause of items running out of iterations, and what to do."""
+    B, M, N = p.cost.shape
+    short = min(M, N + int(p.has_background))
+    todo = (
+        "To allow more iterations: max_iter= (match, the assigners and matchers) or the "
+        "training CLIs' --max-iter"
+    )
+    if p.max_iter < SMALL_BUDGET:
+        return (
+            f"max_iter = {p.max_iter} is small: Newton's stages typically take 5 to 30 "
+            "iterations, the scaling sweeps tens to hundreds. " + todo
+        )
+    if p.grad or short > _newton.MAX_LINES or p.tau1 == 0 or p.tau2 == 0:
+        why = (
+            "gradients are carried through the iterations"
+            if p.grad
+            else f"the shorter side has {short} > {_newton.MAX_LINES} lines"
+            if short > _newton.MAX_LINES
+            else "a tau is 0"
+        )
+        return (
+            f"These items ran scaling sweeps only ({why}), which converge slowly on nearly "
+            "tight supplies and on near-ties at an eps far below their cost gaps. "
+            + todo
+            + ", or a larger eps, or finite taus"
+        )
+    if p.balanced:
+        return (
+            "Newton's stages reach tol in tens of iterations on any problem with a plan, so the "
+            "likely cause is the masses: no plan over the finite-cost pairs carries them "
+            "exactly, or only one through very large costs (e.g. a ground truth whose "
+            "candidates cannot carry its supply, which a 1e6 penalty pair then must). Check "
+            "the supplies, or use finite taus. " + todo
+        )
+    return (
+        "Newton's stages reach tol in tens of iterations on most problems: the likely cause is "
+        "a plan far from the masses' scale (taus far below the costs, or far above them). "
+        + todo
+        + ", or a larger eps"
+    )
+
+
 def _wrap(p: Problem, s: _Solution) -> Matching:
     """The :class:`Matching` in the caller's container; a plan that is not finite, or does not
     fit the caller's dtype, is an error rather than an answer."""
     plan = s.plan
     if not bool(s.finite.all()):  # the solvers' own check: no pass over the plan here
         finite = plan[torch.isfinite(plan)]
-        raise _overflow(float(finite.amax()) if finite.numel() else math.inf, plan.dtype)
+        raise overflow_error(float(finite.amax()) if finite.numel() else math.inf, plan.dtype)
     if p.out_dtype in (torch.float16, torch.bfloat16) and plan.numel():  # narrower than work
         if bool((plan > torch.finfo(p.out_dtype).max).any()):
-            raise _overflow(float(plan.amax()), p.out_dtype)
+            raise overflow_error(float(plan.amax()), p.out_dtype)
     status = [
         "converged" if bool(c) else ("precision" if bool(i) else "max_iter")
         for c, i in zip(s.converged.tolist(), s.imprecise.tolist(), strict=True)
     ]
     failed = [k for k in STATUSES if k != "converged" and k in status]
     if failed:  # one text per kind of failure, so the default filter shows it once per caller
+        texts = [
+            f"{k}: {STATUSES[k]}" + (f". {_slow_cause(p)}" if k == "max_iter" else "")
+            for k in failed
+        ]
         warnings.warn(
             "uotmatch.match: some items did not converge (Matching.status and marginal_error "
-            "say which and by how much): " + "; ".join(f"{k}: {STATUSES[k]}" for k in failed),
+            "say which and by how much): " + "; ".join(texts),
             RuntimeWarning,
             stacklevel=3,
         )

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from uotmatch import _checks
+from uotmatch._precision import working_dtype
 
 __all__ = ["MASS_BALANCE_RTOL", "Problem", "full_cost"]
 
@@ -43,7 +44,6 @@ class Problem:
     max_iter: int
     tol: float
     screen: bool | None
-    compact: bool | None
     kind: str  # the caller's container: torch, numpy or list
     batched: bool
     out_dtype: torch.dtype
@@ -65,7 +65,6 @@ class Problem:
         max_iter: Any,
         tol: Any,
         screen: Any,
-        compact: Any,
     ) -> Problem:
         kind, C = as_tensor(cost, "cost")
         if C.dim() not in (2, 3):
@@ -75,7 +74,7 @@ class Problem:
         out_dtype = C.dtype
         batched = C.dim() == 3
         C = C if batched else C.unsqueeze(0)
-        C = C.to(torch.float64 if C.dtype == torch.float64 else torch.float32)
+        C = C.to(working_dtype(C.dtype))
         B, M, N = C.shape
         eps = _checks.real("eps", eps, low=0.0)
         tau1 = _checks.real("tau1", tau1, low=0.0, allow_inf=True)
@@ -83,7 +82,6 @@ class Problem:
         max_iter = _checks.integer("max_iter", max_iter, low=1)
         tol = _checks.real("tol", tol, low=0.0, low_open=True)
         screen = _checks.boolean("screen", screen, allow_none=True)
-        compact = _checks.boolean("compact", compact, allow_none=True)
         a = _mass("a", a, B, M, batched, C)
         b = _mass("b", b, B, N, batched, C)
         real = _gt_mask(gt_mask, B, N, batched, C.device)  # [B, N] bool
@@ -103,7 +101,7 @@ class Problem:
         grad = C.requires_grad or a.requires_grad or b.requires_grad
         grad = grad or (bg is not None and bg.requires_grad)
         p = cls(
-            C, a, b, real, bg, eps, tau1, tau2, max_iter, tol, screen, compact, kind, batched,
+            C, a, b, real, bg, eps, tau1, tau2, max_iter, tol, screen, kind, batched,
             out_dtype, real_min, grad,
         )  # fmt: skip
         p._check_options()
@@ -175,10 +173,15 @@ class Problem:
         magnitude = float(finite.abs().max()) if finite.numel() else 0.0
         if magnitude * (1 / tau1 + 1 / tau2) > self.tol / 100:
             return None
-        # Lines that allow nothing carry nothing at any tau: they leave the masses.
+        # Lines that allow nothing carry nothing at any tau: they leave the masses. The
+        # background's mass counts in the columns' total: the limit's background, re-derived as
+        # max(sum a - sum b, 0) from the scaled masses, then gets its share m / B as the rest.
         a = torch.where(self.row_min < INF, self.a, 0.0)
         b = torch.where(self.cost.amin(-2) < INF, self.b, 0.0) if self.b.numel() else self.b
-        A, B = a.double().sum(-1), b.double().sum(-1)  # a background here has no mass
+        A, B = a.double().sum(-1), b.double().sum(-1)
+        if self.background is not None:
+            usable = (self.background < INF).any(-1)  # [B]
+            B = B + torch.where(usable, self.bg_mass.double(), 0.0)
         ok = (A > 0) & (B > 0)
         w1 = tau1 / (tau1 + tau2)
         log_m = w1 * A.log() + (1 - w1) * B.log()
@@ -198,7 +201,7 @@ class Problem:
     # -- checks ------------------------------------------------------------------------------------
 
     def _check_options(self) -> None:
-        """``screen=True`` and ``compact=True`` are refused where they cannot apply."""
+        """``screen=True`` is refused where it cannot apply."""
         why = None
         if self.eps == 0:
             why = "eps = 0 is solved exactly, without iterations"
@@ -211,21 +214,6 @@ class Problem:
                 why = "it needs a background column (background_cost)"
         if self.screen and why is not None:
             raise ValueError(f"screen=True cannot apply: {why}; pass screen=None or False")
-        if self.compact and why is None:
-            # The solver runs on the longer side as columns (transposed when M > N (+1)); it
-            # eliminates columns under a hard marginal when the other side is hard or free.
-            B, M, N = self.cost.shape
-            transpose = M > N + int(self.has_background)
-            long_tau, short_tau = (self.tau1, self.tau2) if transpose else (self.tau2, self.tau1)
-            if not (math.isinf(long_tau) and (short_tau == 0 or math.isinf(short_tau))):
-                side = "tau1" if transpose else "tau2"
-                why = (
-                    f"it needs {side} = inf on the longer side (here the "
-                    f"{'predictions' if transpose else 'ground truths'}) and the other tau inf "
-                    "or 0"
-                )
-        if self.compact and why is not None:
-            raise ValueError(f"compact=True cannot apply: {why}; pass compact=None or False")
 
     def _check_feasible(self) -> None:
         """Reject problems no plan can satisfy: a prediction with mass but nowhere to go under a

@@ -14,11 +14,10 @@ __all__ = ["STATUSES", "Array", "Matching"]
 #: What ``Matching.status`` says of an item.
 STATUSES = {
     "converged": "the marginal error reached tol",
-    "max_iter": "max_iter iterations ran out before the marginal error reached tol (near-tied "
-    "alternatives at an eps far below their cost gaps converge slowly: raise max_iter or eps, "
-    "or use a finite tau)",
-    "precision": "eps is below what the dtype resolves at these costs: the iterations cannot "
-    "reach tol (scale the costs down or raise eps)",
+    "max_iter": "max_iter iterations ran out before the marginal error reached tol",
+    "precision": "eps is below what the dtype resolves at these costs (or taus this large put "
+    "the potentials beyond it): the iterations cannot reach tol (scale the costs down, raise "
+    "eps, or use smaller or infinite taus)",
 }
 
 #: An array in the caller's container: a torch tensor, a numpy array or nested lists.

@@ -44,6 +44,9 @@ class AssignResult:
         ious: ``[B, A]`` IoU between the anchor's predicted box and its assigned ground truth
             (the IoU branch's target; 0 for background).
         num_fg: ``[B]`` int64 foreground anchors per image.
+        converged: ``[B]`` bool, the image's transport problem reached the solver's ``tol``
+            (always True for the rule-based assigners, which solve none); training logs count
+            the images where it did not.
     """
 
     gt_index: Tensor
@@ -51,6 +54,7 @@ class AssignResult:
     boxes: Tensor
     ious: Tensor
     num_fg: Tensor
+    converged: Tensor
 
     @property
     def fg_mask(self) -> Tensor:
@@ -319,10 +323,10 @@ def ensure_candidate(
     """A real ground truth with no candidate (too small to hold a point) gets its nearest point."""
     lonely = gt_mask & ~candidate.any(1)  # [B, G]
     if bool(lonely.any()):
-        near = centre_distances(points, gt_boxes).argmin(1)  # [B, G]
         b, g = torch.nonzero(lonely, as_tuple=True)
+        near = centre_distances(points, gt_boxes[b, g][None])[0].argmin(0)  # the lonely ones only
         candidate = candidate.clone()
-        candidate[b, near[b, g], g] = True
+        candidate[b, near, g] = True
     return candidate
 
 
@@ -356,15 +360,24 @@ def result_from_index(
     gt_boxes: Tensor,
     ious: Tensor | None = None,
     anchor_ious: Tensor | None = None,
+    converged: Tensor | None = None,
 ) -> AssignResult:
     """Gather the per-anchor targets of ``gt_index [B, A]`` (-1 = background); the IoU target
-    from pairwise ``ious [B, A, G]``, or given per anchor as ``anchor_ious [B, A]``."""
+    from pairwise ``ious [B, A, G]``, or given per anchor as ``anchor_ious [B, A]``;
+    ``converged [B]`` (default: all True)."""
     fg = gt_index >= 0
+    if converged is None:
+        converged = torch.ones(gt_index.shape[0], dtype=torch.bool, device=gt_index.device)
     if gt_boxes.shape[1] == 0:  # no ground truth in the whole batch: all background
         B, A = gt_index.shape
         zeros = torch.zeros(B, A, dtype=gt_boxes.dtype, device=gt_boxes.device)
         return AssignResult(
-            gt_index, gt_index.clone(), zeros[..., None].expand(B, A, 4).clone(), zeros, fg.sum(1)
+            gt_index,
+            gt_index.clone(),
+            zeros[..., None].expand(B, A, 4).clone(),
+            zeros,
+            fg.sum(1),
+            converged,
         )
     idx = gt_index.clamp_min(0)
     labels = torch.where(fg, gt_labels.gather(1, idx), -1)
@@ -375,4 +388,4 @@ def result_from_index(
         iou = torch.zeros(gt_index.shape, dtype=gt_boxes.dtype, device=gt_boxes.device)
     else:
         iou = ious.gather(2, idx[..., None]).squeeze(-1) * fg
-    return AssignResult(gt_index, labels, boxes, iou, fg.sum(1))
+    return AssignResult(gt_index, labels, boxes, iou, fg.sum(1), converged)

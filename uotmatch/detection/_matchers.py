@@ -13,8 +13,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+import uotmatch
 from uotmatch import _checks
-from uotmatch._match import MAX_ITER, TOL, match
+from uotmatch._match import MAX_ITER, TOL
 from uotmatch._result import Matching
 from uotmatch.detection.costs import detr_box_costs, detr_class_cost
 
@@ -217,14 +218,14 @@ def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, max_i
     B, Q, G = C.shape
     kw = dict(gt_mask=mask, max_iter=max_iter, tol=tol)
     if background_cost is None:
-        return match(C, eps, tau1, tau2, **kw)
+        return uotmatch.match(C, eps, tau1, tau2, **kw)
     extra = (mask.sum(1) - Q).clamp_min(0).to(C.dtype)  # [B]
     if not (math.isinf(tau2) and bool(extra.any())):
-        return match(C, eps, tau1, tau2, background_cost=background_cost, **kw)
+        return uotmatch.match(C, eps, tau1, tau2, background_cost=background_cost, **kw)
     C = torch.cat([C, C.new_zeros(B, 1, G)], dim=1)  # [B, Q + 1, G]
     a = torch.cat([C.new_ones(B, Q), extra[:, None]], dim=1)
     bg = torch.cat([C.new_full((B, Q), float(background_cost)), C.new_zeros(B, 1)], dim=1)
-    m = match(C, eps, tau1, tau2, a=a, background_cost=bg, **kw)
+    m = uotmatch.match(C, eps, tau1, tau2, a=a, background_cost=bg, **kw)
     return m._first_rows(Q)
 
 

@@ -7,8 +7,9 @@ import math
 import torch
 from torch import Tensor
 
+import uotmatch
 from uotmatch import _checks
-from uotmatch._match import MAX_ITER, TOL, match
+from uotmatch._match import MAX_ITER
 from uotmatch._rows import candidate_rows, gather_rows
 from uotmatch.detection._dense import (
     INSIDE_MARGIN,
@@ -24,7 +25,14 @@ from uotmatch.detection._dense import (
 from uotmatch.detection.boxes import box_iou
 from uotmatch.detection.costs import focal_terms, iou_cost
 
-__all__ = ["CENTER_PRIOR_PENALTY", "DECODINGS", "OTAAssigner", "UOTAssigner", "decode_plan"]
+__all__ = [
+    "ASSIGNER_TOL",
+    "CENTER_PRIOR_PENALTY",
+    "DECODINGS",
+    "OTAAssigner",
+    "UOTAssigner",
+    "decode_plan",
+]
 
 #: Added to the cost of a pair outside the centre prior (the official OTA code's 1e6).
 CENTER_PRIOR_PENALTY = 1e6
@@ -55,6 +63,10 @@ def decode_plan(plan: Tensor, decode: str, background_scale: Tensor | None = Non
     return torch.where((best == G) | (plan.amax(-1) <= 0), -1, best)
 
 
+#: The OT assigners' default solver tolerance: the loosest at which their decisions on the
+#: corpus of real training problems (``benchmarks/bench_corpus.py``) are those of a float64
+#: solve to 1e-10, as at 1e-5 (``uotmatch.match``'s default, which it saves two Newton steps of).
+ASSIGNER_TOL = 1e-4
 #: Flow units per unit of supply in :func:`feasible_supplies` (its integer max-flow's grain).
 FLOW_GRAIN = 2**16
 
@@ -64,8 +76,14 @@ def feasible_supplies(k: Tensor, candidate: Tensor) -> Tensor:
     ``candidate [B, A, G]``, each anchor taking one unit: a maximum flow from the ground truths
     through the candidate pairs (``scipy.sparse.csgraph.maximum_flow``, one graph for the
     batch, to ``1 / FLOW_GRAIN``), computed only for the images where some anchor is a
-    candidate of several ground truths (elsewhere ``k`` is feasible as it is)."""
-    shared = (candidate.sum(-1) > 1).any(-1)  # [B]
+    candidate of several ground truths and the even split of the shared anchors does not serve
+    every supply (elsewhere ``k`` is feasible as it is)."""
+    # The images where some anchor is shared and the proportional split (each anchor's unit
+    # divided evenly among its candidate ground truths, a feasible flow) does not serve every
+    # supply: only those need the maximum flow.
+    degree = candidate.sum(-1, keepdim=True)  # [B, A, 1]
+    even = (candidate / degree.clamp_min(1)).sum(1)  # [B, G]
+    shared = (degree.squeeze(-1) > 1).any(-1) & (even < k).any(-1)  # [B]
     if not bool(shared.any()):
         return k
     from scipy.sparse import csr_matrix
@@ -124,8 +142,9 @@ class UOTAssigner(DenseAssigner):
         candidates_only: solve over the candidate anchors only (the others can only take
             background): None when that is exact (``tau1 = tau2 = inf``), True (refused for
             finite taus, where the background's KL term couples every anchor), or False.
-        max_iter, tol: solver budget (:func:`uotmatch.match`'s defaults; the official OTA code
-            runs a fixed 50 iterations).
+        max_iter, tol: solver budget (``max_iter`` as :func:`uotmatch.match`'s; ``tol``
+            :data:`ASSIGNER_TOL`, where the decisions settle; the official OTA code runs a fixed
+            50 iterations).
     """
 
     uses = ("points", "strides", "cls_logits", "pred_boxes", "gt_boxes", "gt_labels", "gt_mask")
@@ -146,7 +165,7 @@ class UOTAssigner(DenseAssigner):
         decode: str = "official",
         candidates_only: bool | None = None,
         max_iter: int = MAX_ITER,
-        tol: float = TOL,
+        tol: float = ASSIGNER_TOL,
     ):
         self.eps = _checks.real("eps", eps, low=0.0, low_open=True)
         self.tau1 = _checks.real("tau1", tau1, low=0.0, allow_inf=True)
@@ -174,8 +193,10 @@ class UOTAssigner(DenseAssigner):
     def candidates(self, points: Tensor, strides: Tensor, gt_boxes: Tensor, gt_mask: Tensor):
         """``[B, A, G]`` bool centre prior: inside the box and within ``radius * stride`` of its
         centre (a real ground truth holding no point keeps its nearest one)."""
+        # Inside the centre square clipped to the box, and inside the box by INSIDE_MARGIN:
+        # the box part of the clip is implied by the margin, so the square is not clipped.
         candidate = inside_boxes(points, gt_boxes, INSIDE_MARGIN) & inside_centre(
-            points, strides, gt_boxes, self.radius, clip=True
+            points, strides, gt_boxes, self.radius, clip=False
         )
         return ensure_candidate(candidate & gt_mask[:, None], points, gt_boxes, gt_mask)
 
@@ -235,7 +256,7 @@ class UOTAssigner(DenseAssigner):
         return k
 
     def _solve(self, cost, background, k, gt_mask, a=None):
-        return match(
+        return uotmatch.match(
             cost,
             self.eps,
             self.tau1,
@@ -258,7 +279,7 @@ class UOTAssigner(DenseAssigner):
         k = self.supplies(ious, candidate, x.gt_mask)
         m = self._solve(cost, background, k, x.gt_mask)
         gt_index = decode_plan(m.plan, self.decode)
-        return result_from_index(gt_index, x.gt_labels, x.gt_boxes, ious)
+        return result_from_index(gt_index, x.gt_labels, x.gt_boxes, ious, converged=m.converged)
 
     def _assign_candidates(self, x: DenseInputs) -> AssignResult:
         """Balanced OT over the candidate anchors only; the rest take background. Costs are
@@ -286,6 +307,7 @@ class UOTAssigner(DenseAssigner):
             x.gt_labels,
             x.gt_boxes,
             anchor_ious=scatter_rows(sub_iou, idx, A, 0.0),
+            converged=m.converged,
         )
 
 
@@ -328,7 +350,7 @@ class OTAAssigner(UOTAssigner):
         decode: str = "official",
         candidates_only: bool | None = None,
         max_iter: int = MAX_ITER,
-        tol: float = TOL,
+        tol: float = ASSIGNER_TOL,
     ):
         super().__init__(
             eps=eps,

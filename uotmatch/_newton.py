@@ -1,0 +1,431 @@
+r"""Newton steps on the short side's dual: the second-order stages of the solver.
+
+Scaling iterations (Sinkhorn) converge linearly at a rate set by how well the kernel mixes. On
+the problems real training makes that rate can be 1 - 1e-5: a ground truth whose candidate
+anchors carry its supply and little more (OTA's supplies cut to what the candidates can carry),
+near-ties at an eps far below their cost gaps, exactly tight supplies (the optimal potentials
+then lie at infinity and the sweeps' steps shrink with the error, ``eps x error``). Newton's
+method on the dual is indifferent to that conditioning: it converges in about ten steps where
+the sweeps need thousands, and by steps of about eps toward potentials at infinity.
+
+The dual is maximised over the rows' potentials ``f`` (the short side: the solver puts it
+first), the columns' ``g(f)`` taking their exact update (a c-transform, damped for a finite
+``tau2``). That *semi-dual* ``F(f)`` is concave, with
+
+.. math::
+    \nabla F = t - r, \qquad
+    -\nabla^2 F = \mathrm{diag}(t / \tau_1)
+        + \tfrac{1}{\varepsilon}\big[(1 - \lambda_2)\,\mathrm{diag}(r)
+        + \lambda_2\,\mathcal{L}(P\,\mathrm{diag}(1/c)\,P^\top)\big],
+
+where ``r = P 1`` and ``c = P^T 1`` are the plan's marginals, ``t`` the rows' target (``a``, or
+``a exp(-f / tau1)``), ``lambda_2 = tau2 / (tau2 + eps)``, and ``L(Q)`` the Laplacian of
+``Q``'s off-diagonal part (``diag(Q 1) - Q`` written without the cancelling diagonal: a nearly
+tight group of rows is coupled to the rest by tiny but accurate entries). For two hard
+marginals the Hessian is singular along ``f + c 1`` (the plan does not move): a rank-one term
+along the alive rows removes that direction. Each step solves the ``[M, M]`` systems by a
+batched Cholesky factorisation and backtracks on ``F`` (Armijo); an item whose system or line
+search fails takes a sweep instead, which never decreases ``F`` (a coordinate ascent step).
+
+Everything here runs in the log domain and in float64 (:func:`applies` keeps it to small
+problems, where that costs nothing): the plan is ``exp((f + g - C) / eps)`` with ``g`` the
+exact column update, so no line is ever cut off by a kernel's floor or a scaling's clamp.
+
+Between eps-scaling stages the potentials follow their tangent (:func:`_tangent`): a stage's
+optimum moves with eps (by ``eps log(1 / slack)`` for a nearly tight supply, by ``eps log``
+of the masses when eps is large), and a warm start that ignores that lags behind it.
+
+References: Brauer, Clason, Lorenz and Wirth, "A Sinkhorn-Newton method for entropic optimal
+transport" (2017); the semi-dual of Cuturi and Peyre, "Computational Optimal Transport" (2019).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from uotmatch._state import Solve, State, freeze, optimal_translation, side_error
+
+__all__ = [
+    "EPS_DECAY",
+    "FIRST_SIZE",
+    "MIN_EPS_RATIO",
+    "MAX_LINES",
+    "applies",
+    "begin_stage",
+    "finish",
+    "first",
+    "run_stage",
+]
+
+#: Newton steps apply up to this many rows (the short side: the system is ``[M, M]`` per item).
+MAX_LINES = 128
+#: Problems of at most this many entries run Newton steps at every stage (:func:`first`).
+FIRST_SIZE = 2**17
+#: Newton's stages scale eps only when the estimated dual range exceeds ``MIN_EPS_RATIO`` times
+#: eps (below, the steps reach the optimum from the warm start as fast as a schedule would), by
+#: ``EPS_DECAY`` per stage (each stage starts near its optimum, from the tangent, so the schedule
+#: moves faster than the sweeps').
+MIN_EPS_RATIO = 1024.0
+EPS_DECAY = 0.125
+#: An intermediate stage takes at least one step, then stops once every alive row is within
+#: ``STAGE_TOL`` of its target (relative), or after ``STAGE_STEPS`` steps.
+STAGE_TOL = 1e-1
+STAGE_STEPS = 8
+#: A step moves no row's potential by more than a radius (a trust region in the potentials'
+#: natural unit, eps) that starts at this and adapts (:func:`step`); a move of ``eps log(1 /
+#: slack)`` reaches any slack down to 1e-14 in one step.
+MAX_STEP = 32.0
+#: Armijo's sufficient-increase fraction, and how often a step is halved before the item takes
+#: a sweep instead.
+ARMIJO = 1e-4
+MAX_HALVINGS = 12
+#: The gain of a step is trusted down to ``NOISE * finfo.eps * eps * mass``; below it (next to
+#: the optimum), a step is judged by the error it leaves instead.
+NOISE = 256
+#: Ridge on the system's diagonal, relative to a row's mass over eps, beyond the rank-one term:
+#: a group of rows that the exponential's underflow has cut off from the rest leaves a null
+#: direction.
+RIDGE = 1e-12
+#: The tangent moves no potential faster than this per unit of eps: a nearly null direction of
+#: the system turns rounding in its right-hand side into a wild tangent; the true ones are of
+#: the size of the entropic terms' log-masses and log-counts.
+TANGENT_CAP = 30.0
+#: An item that eps is below the dtype's resolution for (status ``"precision"``: it cannot
+#: reach tol) stops once its error has not halved in this many steps.
+STALL_STEPS = 20
+#: A row receiving less than this fraction of its target is *starved* (its potential far below
+#: where its mass would flow): its item takes a sweep, which puts it back in one step.
+STARVED = 1e-3
+#: Exponents below this are taken as 0 (no subnormal numbers: ``exp`` is slow on them).
+LOG_FLOOR = -700.0
+FLOOR = math.exp(LOG_FLOOR) * 2
+
+
+def applies(cost: Tensor, tau1: float, tau2: float) -> bool:
+    """Newton steps apply to ``cost [B, M, N]``: both taus positive (a free side is solved in one
+    sweep), at most ``MAX_LINES`` rows, and no gradients to carry through the iterations."""
+    return tau1 > 0 and tau2 > 0 and cost.shape[1] <= MAX_LINES and not torch.is_grad_enabled()
+
+
+def first(cost: Tensor, tau1: float, tau2: float) -> bool:
+    """Every stage runs Newton steps: they apply, and the problem is small enough
+    (``FIRST_SIZE`` entries) that a step costs about as much as a sweep (per-operation overhead,
+    not arithmetic, sets the time), so that the few steps beat the many sweeps even on
+    well-conditioned problems. Elsewhere the sweeps run, and hand the items they converge too
+    slowly for to :func:`finish`."""
+    B, M, N = cost.shape
+    return applies(cost, tau1, tau2) and B * M * N <= FIRST_SIZE
+
+
+# -- the plan of a row potential -------------------------------------------------------------------
+#
+# A stage fixes its exponents ``W = (f0 + g0 - C) / eps`` at its start ``(f0, g0)`` (kept in the
+# state's ``f``, ``g``) and moves ``lu = (f - f0) / eps``, ``lv = (g - g0) / eps`` (the state's
+# ``log_u``, ``log_v``): every plan of the stage is ``exp(W + lu + lv)``. The rounding of ``f0 +
+# g0 - C`` (up to ``|C| x 1e-16``, which divided by a small eps can exceed the tolerance) is then
+# the same in every evaluation: the stage solves one problem exactly, as the scaling domain does
+# with its kernel, rather than a slightly different one at each step. The state's kernel ``K``
+# holds the plan itself (its scalings ``u``, ``v`` stay 1).
+
+
+def _anchor(s: Solve, st: State, f: Tensor, g: Tensor) -> None:
+    """Start the stage's exponents at the potentials ``f``, ``g``."""
+    st.f, st.g = f, g
+    st.W = (f.unsqueeze(-1) + g.unsqueeze(1) - s.cost) / st.eps
+    st.log_u, st.log_v = torch.zeros_like(f), torch.zeros_like(g)
+    st.u, st.v = torch.ones_like(f), torch.ones_like(g)
+
+
+def _columns(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor]:
+    """The columns' exact update ``lv [B, N]`` at the rows' ``lu [B, M]``, and the plan
+    ``P [B, M, N] = exp(W + lu + lv)``, from one pass of ``exp`` (stable whatever ``lu``: each
+    column is scaled by its largest entry first). With ``lam2 = 1``, ``lv = log b - LSE_i(W_ij +
+    lu_i)``: no large terms cancel."""
+    lam2 = s.cols.lam(st.eps)
+    z = torch.add(st.W, lu.unsqueeze(-1))  # [B, M, N], -inf on forbidden pairs and dead lines
+    top = z.amax(1, keepdim=True).nan_to_num_(neginf=0.0)  # [B, 1, N]; 0 for an empty column
+    E = torch.nn.functional.threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0)
+    top = top.squeeze(1)
+    lse = E.sum(1).clamp_min_(1e-300).log_().add_(top)  # LSE_i (f_i + g0_j - C_ij) / eps
+    lv = (s.cols.log_mass - lse).mul_(lam2)
+    if lam2 < 1:
+        lv = lv.sub_(st.g, alpha=(1 - lam2) / st.eps)
+    lv = lv.masked_fill_(s.cols.dead, 0.0)
+    return lv, E.mul_(top.add_(lv).exp_().unsqueeze(1))
+
+
+def _rows(s: Solve, st: State, lv: Tensor) -> Tensor:
+    """``[B, M]`` the rows' exact update ``lu`` at the columns' ``lv``."""
+    lam1 = s.rows.lam(st.eps)
+    lu = lam1 * (s.rows.log_mass - (st.W + lv.unsqueeze(1)).logsumexp(-1))
+    if lam1 < 1:
+        lu = lu - (1 - lam1) * st.f / st.eps
+    return torch.where(s.rows.alive & torch.isfinite(lu), lu, 0.0)
+
+
+def _set(st: State, lu: Tensor, lv: Tensor, P: Tensor, items: Tensor | None = None) -> None:
+    """Store ``lu``, ``lv`` and the plan (for ``items`` ``[B]`` only, when given)."""
+    if items is not None:
+        pick = items[:, None]
+        lu, lv = torch.where(pick, lu, st.log_u), torch.where(pick, lv, st.log_v)
+        P = torch.where(pick[..., None], P, st.K)
+    st.log_u, st.log_v, st.K = lu, lv, P
+    st.Kv, st.KTu = P.sum(-1), P.sum(1)
+
+
+def _sweep(s: Solve, st: State, items: Tensor) -> None:
+    """A sweep in the log domain for ``items``: the rows' exact update, then the columns'."""
+    lu = _rows(s, st, st.log_v)
+    lv, P = _columns(s, st, lu)
+    _set(st, lu, lv, P, items)
+
+
+# -- Newton steps ----------------------------------------------------------------------------------
+
+
+def _system(s: Solve, st: State, r: Tensor, target: Tensor) -> Tensor:
+    """``-Hessian`` of the semi-dual at the state, ``[B, M, M]`` (module docstring)."""
+    eps, lam2 = st.eps, s.cols.lam(st.eps)
+    P, c = st.K, st.KTu
+    c_inv = c.add((c == 0).to(c.dtype)).reciprocal_()  # an empty column's P is 0 anyway
+    Q = torch.bmm(P * c_inv.unsqueeze(1), P.mT)  # P diag(1/c) P^T
+    S = Q + Q.mT  # 2 Q, symmetric to the last bit: its Laplacian is then semidefinite
+    coupling = S.sum(-1).sub_(S.diagonal(dim1=1, dim2=2))  # 2 x the off-diagonal row sums
+    H = S.mul_(-lam2 / (2 * eps))  # the off-diagonal entries; the diagonal is set below
+    diag = coupling.mul_(lam2 / (2 * eps))
+    if lam2 < 1:
+        diag = diag.add_(r, alpha=(1 - lam2) / eps)
+    if s.finite1:
+        diag = diag.add_(target, alpha=1 / s.rows.tau)
+    # The natural unit of the system: a row's mass over eps (its curvature when it alone moves).
+    unit = (r.sum(-1) / s.rows.count / eps).clamp_min_(1e-300)  # [B]
+    diag = diag.add_(unit.unsqueeze(-1), alpha=RIDGE).masked_fill_(s.rows.dead, 1.0)
+    H.diagonal(dim1=1, dim2=2).copy_(diag)  # dead rows: identity (their step is 0)
+    # f + c 1 leaves the plan as it is (two hard marginals), or moves only the mass, which the
+    # closed-form translation after each step optimises (finite taus): pin that direction.
+    if (s.rows.hard and lam2 == 1) or s.translate:
+        w = s.rows.alive.to(H.dtype)
+        H = H.baddbmm_(
+            w.unsqueeze(-1) * (unit / s.rows.count).unsqueeze(-1)[..., None], w.unsqueeze(1)
+        )
+    return H
+
+
+def _gain(s: Solve, st: State, target_r: Tensor, target_c: Tensor, df: Tensor, dg: Tensor):
+    """``[B]`` ``F(f + df) - F(f)`` for the exact column updates (``dg`` their change), from
+    the rows' and columns' targets at ``f``: ``<a, df>`` or ``-tau1 <t, expm1(-df / tau1)>`` for
+    the rows, likewise the columns with ``-eps sum P`` folded in (``sum P = <b, exp(-g /
+    tau2)>`` at an exact update)."""
+    rows, cols = s.rows, s.cols
+    if rows.hard:
+        gain = (rows.mass * df).sum(-1)
+    else:
+        gain = -rows.tau * (target_r * torch.expm1(-df / rows.tau)).sum(-1)
+    if cols.hard:
+        return gain + (cols.mass * dg).sum(-1)
+    return gain - (cols.tau + st.eps) * (target_c * torch.expm1(-dg / cols.tau)).sum(-1)
+
+
+def _translate(s: Solve, st: State) -> None:
+    """For finite taus, the mass mode in closed form (``f + t, g - t``: ``W`` does not change):
+    its curvature, ``1/tau1 + 1/tau2``, is tiny for large taus, and the move it needs large,
+    which a step along it (pinned by the system's rank-one term) would not make. The columns
+    then take their exact update again (with a finite ``tau2`` it is not translation-covariant:
+    ``g(f + t) = g(f) - lam2 t``)."""
+    if s.translate:
+        t = optimal_translation(s, st)
+        st.f, st.g = st.f + t[:, None], st.g - t[:, None]
+        lv, P = _columns(s, st, st.log_u)
+        _set(st, st.log_u, lv, P, st.active)
+
+
+def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
+    """One Newton step for the items ``act`` ``[B]`` (the others keep their state), from the
+    rows' ``target`` at the state: direction, a step within the item's radius, Armijo
+    backtracking; an item whose step fails takes a sweep instead."""
+    r = st.Kv
+    grad = torch.where(s.rows.alive & act[:, None], target - r, 0.0)
+    L, info = torch.linalg.cholesky_ex(_system(s, st, r, target))
+    d = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)  # [B, M], potential units
+    slope = (grad * d).sum(-1)
+    usable = act & (info == 0) & (slope > 0)  # (NaN compares False)
+    d = torch.where(usable[:, None], d, 0.0) / st.eps  # in units of eps: the step of log_u
+    # Along a nearly null direction (a nearly tight group of rows) the quadratic model is far
+    # off: the dual is exponential there, and the step it asks for overshoots by orders of
+    # magnitude. No row moves by more than the item's radius (in eps) in one step; the radius
+    # doubles after each full step it cut short and shrinks after a step that had to be
+    # shortened, so that a large move (a supply that must cross a 1e6 penalty) takes a few
+    # dozen steps, not millions.
+    if st.radius is None:
+        st.radius = torch.full_like(slope, MAX_STEP)
+    t0 = torch.where(usable, (st.radius / d.abs().amax(-1).clamp_min(1e-300)).clamp(max=1.0), 0.0)
+    t, taken, gained = t0, torch.zeros_like(t0), torch.zeros_like(t0)
+    # Next to the optimum the gain is below the rounding of its own terms: there a step is also
+    # accepted when it lowers the rows' error (the columns' is 0 after their exact update).
+    noise = NOISE * torch.finfo(r.dtype).eps * st.eps * target.sum(-1)
+    err_now = None
+    base_u, base_v = st.log_u, st.log_v
+    target_c = None if s.cols.hard else s.cols.target(st.gv(s))
+
+    def trial(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lu = base_u + t[:, None] * d
+        lv, P = _columns(s, st, lu)
+        return (
+            lu,
+            lv,
+            P,
+            _gain(s, st, target, target_c, st.eps * (lu - base_u), st.eps * (lv - base_v)),
+        )
+
+    pending = usable
+    for k in range(MAX_HALVINGS):
+        lu, lv, P, gain = trial(t)
+        predicted = t * slope
+        ok = pending & (gain >= ARMIJO * predicted)
+        noisy = pending & ~ok & (predicted < noise)
+        if bool(noisy.any()):
+            if err_now is None:
+                err_now = side_error(s.rows, r, st.fu(s))
+            fu = st.f + st.eps * lu if s.finite1 else st.f
+            ok = ok | (noisy & (side_error(s.rows, P.sum(-1), fu) < err_now))
+        if k == 0 and bool((ok == pending).all()):  # every step accepted as it is
+            _set(st, lu, lv, P)
+            taken, gained = t, gain
+            break
+        _set(st, lu, lv, P, ok)
+        taken, gained = torch.where(ok, t, taken), torch.where(ok, gain, gained)
+        pending = pending & ~ok
+        if not bool(pending.any()):
+            break
+        t = t / 2
+    grow = (taken >= t0) & (t0 < 1) & usable  # the full step, cut short by the radius
+    shrink = (taken < t0) & (taken > 0)
+    st.radius = torch.where(grow, st.radius * 2, st.radius)
+    st.radius = torch.where(shrink, (st.radius / 4).clamp_min(MAX_STEP), st.radius)
+    failed = act & ~(taken > 0)
+    if bool(failed.any()):
+        _sweep(s, st, failed)
+    _translate(s, st)
+
+
+# -- stages ----------------------------------------------------------------------------------------
+
+
+def _tangent(s: Solve, st: State) -> Tensor:
+    """``[B, M]`` ``df / deps`` of the rows' optimal potentials at the current (near-optimal)
+    state, by the implicit function theorem: ``A df/deps = dG/deps`` with ``A`` the Newton
+    system and ``G = t - r`` the semi-dual's gradient, ``dG/deps = (1 / eps) sum_j P_ij (x_ij -
+    lam2 y_j)`` for ``x = log P`` and ``y_j = sum_i P_ij x_ij / c_j`` (the columns follow at
+    ``dg_j / deps = lam2 y_j``)."""
+    eps, lam2 = st.eps, s.cols.lam(st.eps)
+    P, r, c = st.K, st.Kv, st.KTu
+    Px = P * torch.where(P > 0, P, 1.0).log()
+    y = torch.where(c > 0, Px.sum(1) / c, 0.0)
+    rhs = (Px.sum(-1) - lam2 * torch.bmm(y.unsqueeze(1), P.mT).squeeze(1)) / eps
+    rhs = torch.where(s.rows.alive, rhs, 0.0)
+    L, info = torch.linalg.cholesky_ex(_system(s, st, r, s.rows.target(st.fu(s))))
+    d = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+    ok = (info == 0) & torch.isfinite(d).all(-1)
+    return torch.where(ok[:, None], d.clamp(-TANGENT_CAP, TANGENT_CAP), 0.0)
+
+
+def begin_stage(s: Solve, st: State, eps: float) -> None:
+    """Move to ``eps``: the rows' potentials follow their tangent from the previous stage (the
+    warm start at the first), then one sweep at ``eps`` (the columns from those rows, the rows
+    from those columns, the columns again), so that no line starts cut off."""
+    f, g = st.f + st.eps * st.log_u, st.g + st.eps * st.log_v
+    if st.K is not None:
+        f = f + (eps - st.eps) * _tangent(s, st)
+    st.eps = eps
+    _anchor(s, st, f, g)
+    lv, _ = _columns(s, st, st.log_u)
+    lu = _rows(s, st, lv)
+    lv, P = _columns(s, st, lu)
+    _set(st, lu, lv, P)
+    _translate(s, st)
+
+
+def run_stage(s: Solve, st: State, final: bool) -> None:
+    """A stage of Newton steps. Intermediate: at least one step, then until every alive row is
+    within ``STAGE_TOL`` of its target (relative), at most ``STAGE_STEPS`` steps. Final: until
+    every item is within ``tol`` or the budget is spent, items freezing as they converge. An
+    item with a starved row takes a sweep instead of a Newton step."""
+    budget = s.max_iter - st.it if final else min(STAGE_STEPS, s.max_iter - st.it - 1)
+    best = stalled_since = None
+    for k in range(max(budget, 0) + 1):
+        r, target = st.Kv, s.rows.target(st.fu(s))
+        if final:
+            # The rows' error first; the columns' (0 up to rounding after their exact update)
+            # only for the items that meet tol on the rows, and at the last iteration.
+            rows_err = s.rows.miss(r, target) if not s.rows.free else torch.zeros_like(st.err)
+            near = st.active & (rows_err <= s.tol)
+            if k == budget or bool(near.any()):
+                cols_err = side_error(s.cols, st.KTu, st.gv(s))
+                if freeze(st, torch.maximum(rows_err, cols_err), s.tol) or k == budget:
+                    return
+            if bool(s.imprecise.any()):  # stop the items that cannot settle once they stall
+                if best is None:
+                    best, stalled_since = rows_err, torch.zeros_like(st.iterations)
+                better = rows_err < best / 2
+                best = torch.where(better, rows_err, best)
+                stalled_since = torch.where(better, 0, stalled_since + 1)
+                stop = st.active & s.imprecise & (stalled_since >= STALL_STEPS)
+                if bool(stop.any()):
+                    st.err = torch.where(stop, rows_err, st.err)
+                    st.iterations.masked_fill_(stop, st.it)
+                    st.active = st.active & ~stop
+                    if not bool(st.active.any()):
+                        return
+            act = st.active
+        else:
+            rel = (target - r).abs() / torch.maximum(target, r).clamp_min(1e-300)
+            line_err = torch.where(s.rows.alive, rel, 0.0).amax(-1) if rel.shape[1] else rel[:, 0]
+            act = st.active & ((line_err > STAGE_TOL) | (k == 0))
+            if k == budget or not bool(act.any()):
+                return
+        starved = act & (s.rows.alive & (r < STARVED * target)).any(-1)
+        if bool(starved.any()):
+            _sweep(s, st, starved)
+            act = act & ~starved
+            target = s.rows.target(st.fu(s))
+        if bool(act.any()):
+            step(s, st, act, target)
+        st.it += 1
+
+
+def finish(s: Solve, st: State, items: Tensor) -> None:
+    """The final stage, by Newton steps, for ``items`` ``[B]`` of a solve the sweeps run: from
+    their current potentials, in float64, for the rest of the budget; their plan, potentials,
+    error and iterations written back, and the items frozen."""
+    idx = torch.nonzero(items).squeeze(1)
+    sub = s.subset(idx, torch.float64)
+    f, g = st.f + st.eps * st.log_u, st.g + st.eps * st.log_v
+    sub_st = State(
+        eps=st.eps,
+        f=f[idx].double(),
+        g=g[idx].double(),
+        log_u=torch.zeros_like(f[idx], dtype=torch.float64),
+        log_v=torch.zeros_like(g[idx], dtype=torch.float64),
+        active=torch.ones(len(idx), dtype=torch.bool, device=idx.device),
+        err=st.err[idx].double(),
+        iterations=st.iterations[idx].clone(),
+        it=st.it,
+    )
+    begin_stage(sub, sub_st, st.eps)
+    run_stage(sub, sub_st, final=True)
+    sub_st.iterations.masked_fill_(sub_st.active, sub_st.it)
+    dtype = st.K.dtype
+    f_new = sub_st.f + sub_st.eps * sub_st.log_u
+    g_new = sub_st.g + sub_st.eps * sub_st.log_v
+    st.f, st.g = st.f.index_copy(0, idx, f_new.to(dtype)), st.g.index_copy(0, idx, g_new.to(dtype))
+    st.log_u, st.log_v = st.log_u.index_fill(0, idx, 0.0), st.log_v.index_fill(0, idx, 0.0)
+    st.u, st.v = st.log_u.exp(), st.log_v.exp()
+    st.K = st.K.index_copy(0, idx, sub_st.K.to(dtype))  # the plan, at unit scalings
+    st.Kv = st.Kv.index_copy(0, idx, sub_st.Kv.to(dtype))
+    st.KTu = st.KTu.index_copy(0, idx, sub_st.KTu.to(dtype))
+    st.err = st.err.index_copy(0, idx, sub_st.err.to(st.err.dtype))
+    st.iterations = st.iterations.index_copy(0, idx, sub_st.iterations)
+    st.active = st.active & ~items
