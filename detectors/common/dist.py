@@ -57,6 +57,15 @@ def global_count(n: torch.Tensor) -> torch.Tensor:
     return n.clamp_min(1.0)
 
 
+def global_sum(x: float) -> float:
+    """``x`` summed over the ranks (``x`` itself on one process)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's ``obj``, in rank order (just ``[obj]`` when alone)."""
     if not dist.is_initialized():

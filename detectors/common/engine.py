@@ -10,11 +10,16 @@ import torch
 from torch import nn
 
 from detectors.common.data import images_only
-from detectors.common.dist import all_gather_objects, is_main
+from detectors.common.dist import all_gather_objects, global_sum, is_main
 from detectors.common.errors import UsageError
 from detectors.common.evaluation import coco_detections, coco_evaluate
 
-__all__ = ["NonFiniteLossError", "evaluate", "train_one_epoch"]
+__all__ = ["COUNTS", "NonFiniteLossError", "evaluate", "train_one_epoch"]
+
+#: Criterion outputs that are counts: summed over the epoch (and the ranks), not averaged.
+#: ``unconverged``: the images (DETR: images x decoder layers) whose transport problem did not
+#: reach the solver's tol.
+COUNTS = ("unconverged",)
 
 
 class NonFiniteLossError(UsageError):
@@ -53,7 +58,8 @@ def train_one_epoch(
     inputs: Callable = images_only,
     epochs: int | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch's mean of each loss term, and it/s.
+    """One pass over ``loader``; returns the epoch's mean of each loss term (the sum of the
+    :data:`COUNTS`), and it/s.
 
     ``model(*inputs(batch))`` gives the outputs (default: the images alone) and
     ``criterion(outputs, batch)`` a dict of losses whose ``"loss"`` is optimised. ``epoch``
@@ -96,7 +102,8 @@ def train_one_epoch(
             sums[key] = sums.get(key, 0.0) + float(v.detach())
         if bar is not None:
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    out = {key: v / max(n, 1) for key, v in sums.items()}
+    out = {key: v / max(n, 1) for key, v in sums.items() if key not in COUNTS}
+    out.update({key: global_sum(v) for key, v in sums.items() if key in COUNTS})
     out["it_per_s"] = n / max(time.perf_counter() - start, 1e-9)
     return out
 

@@ -108,6 +108,7 @@ class SetCriterion(nn.Module):
         self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, dict(weight_dict)
         self.eos_coef, self.losses = eos_coef, tuple(losses)
         self.loss_weighting, self.focal = loss_weighting, focal
+        self.unconverged = 0
 
     # -- matching ------------------------------------------------------------------------------
 
@@ -117,6 +118,7 @@ class SetCriterion(nn.Module):
         the 0/1 plan of its decoded pairs (each query to the target holding the largest share
         of its row)."""
         m = self.matcher.solve(outputs, targets)
+        self.unconverged += int((~m.converged).sum())
         plan = m.plan.to(outputs["pred_logits"].device, torch.float32)
         G = targets.labels.shape[1]
         if self.loss_weighting == "hard":
@@ -179,6 +181,7 @@ class SetCriterion(nn.Module):
         :class:`~uotmatch.detection.SetTargets` (padded once here when DETR's list of dicts)."""
         device = outputs["pred_logits"].device
         targets = SetTargets.coerce(targets, device)
+        self.unconverged = 0  # matchings (an image at one decoder layer) that missed tol
         num_boxes = global_count(targets.mask.sum())
         layers = [("", outputs)] + [
             (f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))
@@ -199,4 +202,5 @@ class SetCriterion(nn.Module):
         weights = {key + suffix: w for key, w in base.items() for suffix, _ in layers}
         weights.update(self.weight_dict)
         losses["loss"] = sum(weights[key] * v for key, v in losses.items() if key in weights)
+        losses["unconverged"] = torch.tensor(float(self.unconverged))  # logged, summed per epoch
         return losses

@@ -45,7 +45,7 @@ __all__ = [
 
 #: The config fields that are matcher options: passed only when given (or set by a preset); one
 #: the chosen matcher does not take is an error.
-MATCHER_FIELDS = ("eps", "tau1", "tau2", "background_cost", "normalize_cost")
+MATCHER_FIELDS = ("eps", "tau1", "tau2", "background_cost", "normalize_cost", "max_iter", "tol")
 #: The UOT paper's eps0 in eps = eps0 / (log(2 Q) + 1), on a cost normalised by its maximum.
 PAPER_EPS0 = 0.12
 
@@ -108,6 +108,16 @@ class DETRConfig(TrainConfig):
     normalize_cost: bool | None = field(
         default=None,
         metadata={"help": "uot: divide each image's cost by its maximum", "default_help": "off"},
+    )
+    max_iter: int | None = field(
+        default=None, metadata={"help": "uot: solver iterations at most", "default_help": "1000"}
+    )
+    tol: float | None = field(
+        default=None,
+        metadata={
+            "help": "uot: solver tolerance (relative marginal error)",
+            "default_help": "1e-5",
+        },
     )
     loss_weighting: str = field(
         default="hard", metadata={"help": "pairs or plan-weighted", "choices": LOSS_WEIGHTINGS}

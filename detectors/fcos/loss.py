@@ -71,5 +71,7 @@ class FCOSLoss:
             F.binary_cross_entropy_with_logits(iou_logits, iou_target, reduction="sum") / n
         )
         losses["loss"] = sum(self.weight_dict[k] * v for k, v in losses.items())
+        # Logged per epoch (summed): images whose transport problem did not reach tol.
+        losses["unconverged"] = (~result.converged).sum()
         losses["num_fg"] = result.num_fg.sum()
         return losses

@@ -47,6 +47,8 @@ ASSIGNER_FIELDS = (
     "topk",
     "geometry",
     "decode",
+    "max_iter",
+    "tol",
 )
 
 
@@ -103,6 +105,18 @@ class FCOSConfig(TrainConfig):
             "help": "ota, uot: plan decoding",
             "choices": DECODINGS,
             "default_help": "official",
+        },
+    )
+
+    max_iter: int | None = field(
+        default=None,
+        metadata={"help": "ota, uot: solver iterations at most", "default_help": "1000"},
+    )
+    tol: float | None = field(
+        default=None,
+        metadata={
+            "help": "ota, uot: solver tolerance (relative marginal error)",
+            "default_help": "the assigner's",
         },
     )
 

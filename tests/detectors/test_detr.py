@@ -1,6 +1,7 @@
 """DETR: model shapes and padding, the criterion on a hand-built case, plan-weighted = hard loss
 at the Hungarian limit, smoke runs of both matchers and weightings, resume, bad input."""
 
+import json
 import math
 
 import pytest
@@ -215,6 +216,20 @@ def test_smoke_runs(data, tmp_path, extra):
     assert state["epoch"] == 1 and (eps is None or math.isfinite(eps))
     again = detr_evaluate.main(["--checkpoint", str(out / "last.pth"), "--data", str(data)])
     assert again == pytest.approx(metrics)
+
+
+def test_unconverged_matchings_are_counted_and_the_budget_is_a_flag(data, tmp_path):
+    """--max-iter and --tol reach the UOT matcher; metrics.jsonl counts the matchings (images x
+    decoder layers) that missed tol in the epoch; Hungarian takes neither flag."""
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), "--epochs", "1", "--eval-every", "0"]
+    with pytest.warns(RuntimeWarning, match="max_iter = 1 is small"):
+        detr_train.main([*argv, *SMALL, "--matcher", "uot", "--eps", "0.01", "--max-iter", "1"])
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["unconverged"] > 0 and line["unconverged"] == int(line["unconverged"])
+    assert load_checkpoint(out / "last.pth")["config"]["max_iter"] == 1
+    with pytest.raises(ValueError, match="--tol does not apply to --matcher hungarian"):
+        detr_train.DETRConfig(data=str(data), matcher="hungarian", tol=1e-3)
 
 
 @pytest.mark.parametrize("preset", ["", "uot-paper"])

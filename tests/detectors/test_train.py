@@ -21,6 +21,7 @@ def test_train_evaluate_and_log(data, tmp_path, capsys):
     assert set(metrics) >= {"AP", "AP50", "AR100"}
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2] and all("loss_cls" in x for x in lines)
+    assert all(x["unconverged"] == 0 for x in lines)  # OTA's solves, counted per epoch
     assert "| FCOS-ota | AP |" in capsys.readouterr().out
     state = load_checkpoint(out / "last.pth")
     assert state["epoch"] == 2 and state["config"]["assigner"] == "ota"
@@ -100,3 +101,19 @@ def test_two_process_gloo_run(data, tmp_path):
     state = load_checkpoint(out / "last.pth")
     assert state["epoch"] == 1
     assert run.stdout.count("| FCOS-ota | AP |") == 1  # rank 0 alone prints
+
+
+def test_unconverged_solves_are_counted_in_the_log(data, tmp_path):
+    """A budget too small for OTA's solves: metrics.jsonl counts, per epoch, the images whose
+    problem missed tol (summed over the batches, not averaged); --max-iter and --tol reach the
+    assigner, and a rule-based assigner refuses them."""
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), "--epochs", "1", "--eval-every", "0", *SMALL]
+    with pytest.warns(RuntimeWarning, match="max_iter = 1 is small"):
+        fcos_train.main([*argv, "--max-iter", "1", "--tol", "1e-9"])
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["unconverged"] == 8  # 8 training images, none converged in 1 iteration
+    cfg = load_checkpoint(out / "last.pth")["config"]
+    assert cfg["max_iter"] == 1 and cfg["tol"] == 1e-9
+    with pytest.raises(ValueError, match="--max-iter does not apply to --assigner fcos"):
+        fcos_train.FCOSConfig(data=str(data), assigner="fcos", max_iter=5)
