@@ -14,6 +14,8 @@ Workloads:
   OTA-like  [16, 22300, 20] + background (800 x 1333, strides 8-128), eps 0.1, balanced, k = 10
             per ground truth (centre-prior candidates, penalty 1e5 elsewhere, each gt with >= 2k
             candidates)
+  OTA-like dense [16, 20000, 20] + background, random costs (screening prunes nothing), eps 0.1,
+            balanced, k = 10
   DETR-like [64, 100, 30] + background, eps 0.05, (tau1, tau2) = (100, 1) and (inf, inf)
             (DETR matching cost: -p(class) + 5 L1 + 2 (-GIoU), normalised by its max)
   --large adds the sizes of the detectors the UOT paper trains beyond DETR, and a YOLO-sized one:
@@ -46,7 +48,7 @@ from scipy.optimize import linear_sum_assignment
 
 import uotmatch
 from uotmatch._state import plan_error
-from uotmatch.detection import anchor_points
+from uotmatch.detection import anchor_points, box_cxcywh_to_xyxy, generalized_box_iou
 
 INF = math.inf
 TARGET_ERROR = 1e-3
@@ -78,19 +80,16 @@ def ota_workload(B: int, height: int, width: int, G: int, k: float, seed: int = 
     return cost, background, torch.full((B, G), float(k))
 
 
-def _giou(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """GIoU of cxcywh boxes ``[B, Q, 4]`` x ``[B, G, 4]`` -> ``[B, Q, G]``."""
-
-    def xyxy(x):
-        return torch.cat([x[..., :2] - x[..., 2:] / 2, x[..., :2] + x[..., 2:] / 2], -1)
-
-    p, t = xyxy(p)[:, :, None], xyxy(t)[:, None]
-    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
-    lt, rb = torch.maximum(p[..., :2], t[..., :2]), torch.minimum(p[..., 2:], t[..., 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    union = area(p) + area(t) - inter
-    hull = (torch.maximum(p[..., 2:], t[..., 2:]) - torch.minimum(p[..., :2], t[..., :2])).prod(-1)
-    return inter / union - (hull - union) / hull
+def dense_workload(B: int, M: int, G: int, k: float, seed: int = 0):
+    """OTA-like costs ``[B, M, G]`` without the centre prior: the same random classification and
+    IoU terms and background for every pair (no penalties, every row near every ground truth),
+    so background screening prunes nothing and the solve is dense."""
+    gen = torch.Generator().manual_seed(seed)
+    iou = torch.rand(B, M, G, generator=gen) * 0.9 + 0.05
+    cls = torch.rand(B, M, G, generator=gen) * 2
+    cost = cls + 1.5 * -iou.log()
+    background = torch.rand(B, M, generator=gen) * 0.5
+    return cost, background, torch.full((B, G), float(k))
 
 
 def detr_workload(B: int, Q: int, G: int, K: int = 20, seed: int = 0):
@@ -108,7 +107,8 @@ def detr_workload(B: int, Q: int, G: int, K: int = 20, seed: int = 0):
     labels = torch.randint(K, (B, G), generator=gen)
     prob = torch.randn(B, Q, K + 1, generator=gen).mul(2).softmax(-1)
     cls = -prob.gather(2, labels[:, None, :].expand(B, Q, G))
-    cost = cls + 5 * (pred[:, :, None] - tgt[:, None]).abs().sum(-1) - 2 * _giou(pred, tgt)
+    giou = generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(tgt))
+    cost = cls + 5 * (pred[:, :, None] - tgt[:, None]).abs().sum(-1) - 2 * giou
     cost = cost - cost.amin((1, 2), keepdim=True)
     return cost / cost.amax((1, 2), keepdim=True)
 
@@ -389,12 +389,20 @@ def main(argv=None):
             warmup,
             screen,
         )
+    dense_shape = (2, 300, 4, 3) if args.quick else (16, 20000, 20, 10)
+    d_cost, d_bg, d_b = on(*dense_workload(*dense_shape))
+    run("OTA-like dense", d_cost, d_bg, d_b, 0.1, INF, INF, repeats, dtypes, rows, warmup=warmup)
+    del d_cost, d_bg, d_b
     B, Q, G = (4, 20, 6) if args.quick else (64, 100, 30)
     detr, detr_bg = on(detr_workload(B, Q, G), torch.full((B, Q), 0.5))
     ones = torch.ones(B, G, device=device)
     for taus in [(100.0, 1.0), (INF, INF)]:
         run("DETR-like", detr, detr_bg, ones, 0.05, *taus, repeats, dtypes, rows, warmup=warmup)
-    shapes = [f"OTA-like {tuple(cost.shape)}", f"DETR-like {tuple(detr.shape)}"]
+    shapes = [
+        f"OTA-like {tuple(cost.shape)}",
+        f"OTA-like dense {dense_shape[:3]}",
+        f"DETR-like {tuple(detr.shape)}",
+    ]
 
     if args.large:
         # One round, blocks of one: POT alone takes seconds per round at these sizes.

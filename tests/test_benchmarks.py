@@ -23,7 +23,7 @@ def _load(name):
 def test_bench_solver_quick(capsys, tmp_path):
     out = tmp_path / "solver.md"
     rows = _load("bench_solver").main(["--quick", "--large", "--repeats", "1", "--out", str(out)])
-    assert len(rows) == 3 + 5  # OTA, DETR x 2 taus; Deformable-DETR and DINO x 2, YOLO-1280
+    assert len(rows) == 4 + 5  # OTA, OTA dense, DETR x 2 taus; Deformable-DETR, DINO x 2, YOLO-1280
     for row in rows:
         ours_error, pot_error = row[5], row[11]
         assert ours_error < 1e-3 and pot_error < 1e-3
@@ -82,8 +82,9 @@ def test_train_assigners_quick(tmp_path, capsys):
     )
     assert set(results) == {"fcos", "ota"}
     for r in results.values():
-        assert 0.0 <= r["AP"] <= 1.0 and r["step_s"] > 0
-    assert "| ota |" in capsys.readouterr().out
+        assert 0.0 <= r["AP"] <= 1.0 and r["step_s"] > 0 and r["paired_step_s"] > 0
+    out = capsys.readouterr().out
+    assert "| ota |" in out and "paired training-step time" in out
     assert (tmp_path / "results.json").exists()
 
 
@@ -155,3 +156,33 @@ def test_train_frameworks_paired_step_times_and_table(tmp_path):
     text = tf.table({"tv-fcos": run, "tv-fcos-ota": run}, times)
     ratio = times["tv-fcos-ota"] / times["tv-fcos"]
     assert f"| 10.0 | 20.0 | 30.0 | {ratio:.2f}x |" in text
+
+
+def test_the_corpus_is_recorded_and_benchmarked(tmp_path, capsys):
+    """capture_corpus's recorder sees every match() the assigners and matchers make (solved as
+    usual), its file loads with weights_only=True, and bench_corpus reports iterations, POT
+    and the decisions on it."""
+    from tests.detection.scenes import as_inputs, scene
+    from uotmatch.detection import OTAAssigner, UOTMatcher
+
+    capture = _load("capture_corpus")
+    problems: list = []
+    with capture.recording(problems):
+        result = OTAAssigner()(**as_inputs(*scene(0, B=2, G=3)))
+        outputs = {"pred_logits": torch.randn(2, 5, 4), "pred_boxes": torch.rand(2, 5, 4) * 0.5}
+        outputs["pred_boxes"][..., 2:] += 0.1
+        targets = [
+            {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 2)},
+            {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.2]])},
+        ]
+        UOTMatcher()(outputs, targets)
+    assert int(result.num_fg.sum()) > 0  # the assignment itself went through
+    assert [p["step"] for p in problems] == [0, 1] and problems[0]["b"].shape == (2, 3)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    torch.save({"source": "demo", "problems": problems[:1]}, corpus / "demo.pt")
+    torch.save({"source": "detr", "problems": problems[1:]}, corpus / "detr.pt")
+    text = _load("bench_corpus").main(["--corpus", str(corpus), "--pot-max-iter", "2000"])
+    assert "| demo | 1 | 2 |" in text and "| detr | 1 | 2 |" in text
+    assert "Decisions, demo (anchors" in text and "| 1e-05 | 0 | 0 |" in text
+    assert (corpus / "corpus.md").read_text().strip() == text.strip()

@@ -157,6 +157,31 @@ class Screen:
         return full
 
 
+def _declines(
+    sub: Tensor,
+    needed: float,
+    eps: float,
+    dtype: torch.dtype,
+    n_cols: int,
+    max_kept_fraction: float,
+) -> bool:
+    """Screening would keep more than ``max_kept_fraction`` of the rows: estimated on the
+    strided subsample ``sub`` of ``d_min`` alone, at a small fraction of a solve's cost (random
+    costs, where every row may matter, would otherwise pay for the full screening passes and
+    keep everything).
+
+    The largest price serves the ground truths' mass from the rows that hold it, so it is about
+    at least the ``needed`` quantile of ``d_min`` (``needed``: the fraction of the rows whose
+    mass the ground truths take); screening keeps every row below that price plus its margin.
+    Where the subsample's fraction below ``quantile + margin`` already exceeds
+    ``max_kept_fraction``, screening cannot pay. An estimate, not a bound: it only decides when
+    to step aside, which is never wrong (the dense solve is the reference)."""
+    k = min(sub.shape[1], max(1, math.ceil(needed * sub.shape[1])))
+    low = sub.kthvalue(k, dim=1).values + eps * margin(dtype, n_cols)  # [B]
+    kept = (sub < low.unsqueeze(-1)).float().mean(1)
+    return bool((kept > max_kept_fraction).any())
+
+
 def screen(
     C: Tensor,
     row_min: Tensor,
@@ -189,7 +214,10 @@ def screen(
     # are gathered once: the kept rows are usually among them.
     rows_needed = float((sum_b / sum_a).max()) * M  # at the mean row mass
     target = max(MIN_SAMPLE, SAMPLE_FACTOR * rows_needed)
-    sub = d_min[:, :: max(1, M // SUBSAMPLE)]
+    step = max(1, M // SUBSAMPLE)
+    sub = d_min[:, ::step]
+    if _declines(sub, rows_needed / M, eps, C.dtype, N, max_kept_fraction):
+        return None
     inf = torch.full((B,), math.inf, dtype=d_min.dtype, device=d_min.device)
 
     def quantile(rows: float) -> Tensor:  # [B], +inf past half the rows
