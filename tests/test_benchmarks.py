@@ -52,7 +52,8 @@ def test_bench_assigners_quick(capsys, tmp_path):
         assert row["vs_dense"]["differ"] == 0 and row["vs_official"]["differ"] == 0
         assert row["vs_official"]["unserved"][0] == 0
     out = capsys.readouterr().out
-    assert "| COCO-like, 7 gts/image |" in out and "| DETR matcher, batch 16 |" in out
+    assert "| COCO-like, 7 gts/image |" in out and "| DETR matcher | batch x queries |" in out
+    assert "| 0 of 4 |" in out  # the UOT matcher's defaults converge on DETR-weighted costs
     assert "| DETR matcher" in (tmp_path / "assigners.md").read_text()
 
 

@@ -5,9 +5,10 @@ truth, best prediction, Hungarian one-to-one and balanced OT (OTA) matching as l
 regime in between.
 """
 
+from uotmatch._decode import DECODINGS
 from uotmatch._match import match
 from uotmatch._result import Matching
 
 __version__ = "0.1.0"
 
-__all__ = ["Matching", "match"]
+__all__ = ["DECODINGS", "Matching", "match"]

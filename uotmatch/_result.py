@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from uotmatch._decode import decode_pairs, decode_rows
+
 __all__ = ["STATUSES", "Array", "Matching"]
 
 #: What ``Matching.status`` says of an item.
@@ -55,6 +57,7 @@ class Matching:
 
     def __init__(
         self,
+        *,
         plan: Tensor,
         converged: Tensor,
         error: Tensor,
@@ -62,15 +65,22 @@ class Matching:
         status: list[str],
         has_background: bool,
         potentials: Potentials,
-        kind: str,
-        batched: bool,
-        out_dtype: torch.dtype,
+        kind: str = "torch",
+        batched: bool = True,
+        out_dtype: torch.dtype | None = None,
+        real: Tensor | None = None,
     ):
-        # Private: built by match() and the matchers from batched tensors ([B, ...]).
+        # Built by match() and the matchers from batched tensors ([B, ...]); ``real [B, N]`` are
+        # the real (unmasked) ground-truth columns (default: all).
         self._plan, self._converged, self._error = plan, converged, error
         self._iterations, self._status, self._potentials = iterations, list(status), potentials
-        self._kind, self._batched, self._out_dtype = kind, batched, out_dtype
+        self._kind, self._batched = kind, batched
+        self._out_dtype = plan.dtype if out_dtype is None else out_dtype
         self._has_background = has_background
+        n = plan.shape[-1] - int(has_background)
+        if real is None:
+            real = torch.ones(plan.shape[0], n, dtype=torch.bool, device=plan.device)
+        self._real = real
 
     @property
     def has_background(self) -> bool:
@@ -124,35 +134,29 @@ class Matching:
         """``[B, N(+1)]`` column (ground truth, then ∅) dual potentials; 0 for masked columns."""
         return self._fg[1]
 
-    def _assignment(self) -> Tensor:
-        plan = self._plan  # [B, M, N(+1)]
-        if plan.shape[-1] == 0:
-            return torch.full(plan.shape[:-1], -1, dtype=torch.long, device=plan.device)
-        idx = plan.argmax(-1)
-        n_real = plan.shape[-1] - int(self.has_background)
-        empty = plan.sum(-1) <= 0
-        return torch.where((idx >= n_real) | empty, torch.full_like(idx, -1), idx)
+    def assignment(self, decode: str = "argmax") -> Array:
+        """``[B, M]`` int64: per prediction, its ground truth, or -1 (the background, or no
+        mass), by ``decode``: ``"argmax"`` (the ground truth holding the largest share of its
+        row), ``"hungarian"`` (the one-to-one matching carrying the most plan mass: every ground
+        truth gets a prediction when there are enough) or ``"official"`` (OTA's: each column
+        divided by its largest entry first). See :mod:`uotmatch._decode` and the docs'
+        conventions page."""
+        return self._item(decode_rows(self._plan, self._real, self.has_background, decode))
 
-    def assignment(self) -> Array:
-        """``[B, M]`` int64: per prediction, the ground truth holding the largest share of its row,
-        or -1 when that is the background or the row carries no mass."""
-        return self._item(self._assignment())
-
-    def pairs(self) -> list[tuple[Array, Array]] | tuple[Array, Array]:
-        """DETR-style matches: per item a pair ``(pred_idx, gt_idx)`` of int64 index arrays (CPU
-        tensors for torch input, as DETR's matcher), from :meth:`assignment` (predictions on the
-        background are left out), sorted by prediction. A list of B pairs for a batched call,
-        one pair otherwise."""
-        assign = self._assignment().cpu()
-        out = []
-        for row in assign:
-            pred = torch.nonzero(row >= 0).flatten()
-            gt = row[pred]
-            out.append((to_container(pred, self._kind), to_container(gt, self._kind)))
+    def pairs(self, decode: str = "argmax") -> list[tuple[Array, Array]] | tuple[Array, Array]:
+        """DETR-style matches: per item a pair ``(pred_idx, gt_idx)`` of int64 index arrays
+        (CPU tensors for torch input, as DETR's matcher), sorted by prediction. ``decode``: one
+        of :meth:`assignment`'s, or ``"per_target"`` (each ground truth to the prediction
+        holding the largest share of its column; a prediction may serve several ground truths,
+        as in the ``tau1 = 0`` regime). A list of B pairs for a batched call, one pair
+        otherwise."""
+        pairs = decode_pairs(self._plan, self._real, self.has_background, decode)
+        out = [(to_container(p, self._kind), to_container(g, self._kind)) for p, g in pairs]
         return out if self._batched else out[0]
 
-    def _first_rows(self, n: int) -> Matching:
-        """The same solution restricted to the first ``n`` rows (predictions)."""
+    def first_rows(self, n: int) -> Matching:
+        """The same solution restricted to the first ``n`` rows (predictions): what a matcher
+        returns after solving with extra rows of its own (a background row)."""
         potentials = self._potentials
 
         def first(fn=potentials) -> tuple[Tensor, Tensor]:
@@ -160,16 +164,17 @@ class Matching:
             return f[:, :n], g
 
         return Matching(
-            self._plan[:, :n],
-            self._converged,
-            self._error,
-            self._iterations,
-            self._status,
-            self.has_background,
-            first,
-            self._kind,
-            self._batched,
-            self._out_dtype,
+            plan=self._plan[:, :n],
+            converged=self._converged,
+            error=self._error,
+            iterations=self._iterations,
+            status=self._status,
+            has_background=self.has_background,
+            potentials=first,
+            kind=self._kind,
+            batched=self._batched,
+            out_dtype=self._out_dtype,
+            real=self._real,
         )
 
     def __repr__(self) -> str:

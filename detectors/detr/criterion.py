@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
@@ -115,16 +114,17 @@ class SetCriterion(nn.Module):
     @torch.no_grad()
     def match(self, outputs: Mapping, targets: SetTargets) -> tuple[Tensor, Tensor]:
         """``(plan [B, Q, G], background share [B, Q])``: the matcher's plan, or (``"hard"``)
-        the 0/1 plan of its decoded pairs (each query to the target holding the largest share
-        of its row)."""
+        the 0/1 plan of its pairs (the plan decoded by the matcher's ``decode``: by default the
+        one-to-one matching of most plan mass, which gives every target a query)."""
         m = self.matcher.solve(outputs, targets)
         self.unconverged += int((~m.converged).sum())
         plan = m.plan.to(outputs["pred_logits"].device, torch.float32)
         G = targets.labels.shape[1]
         if self.loss_weighting == "hard":
-            assign = m.assignment().to(plan.device)  # [B, Q], -1 for background
-            hard = F.one_hot(assign + 1, G + 1).to(plan.dtype)  # background first
-            return hard[..., 1:], hard[..., 0]
+            hard = torch.zeros(plan.shape[0], plan.shape[1], G, device=plan.device)
+            for b, (pred, gt) in enumerate(m.pairs(self.matcher.decode)):
+                hard[b, pred.to(plan.device), gt.to(plan.device)] = 1.0
+            return hard, (1 - hard.sum(-1)).clamp_min(0)
         if m.has_background:
             return plan[..., :G], plan[..., G]
         return plan, (1 - plan.sum(-1)).clamp_min(0)

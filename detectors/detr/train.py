@@ -31,6 +31,7 @@ from detectors.common.config import parse_config
 from detectors.common.trainer import TrainConfig, build, command, datasets, fit, setup
 from detectors.detr.criterion import LOSS_WEIGHTINGS, SetCriterion, detr_targets
 from detectors.detr.model import DETR
+from uotmatch import DECODINGS
 from uotmatch.detection import MATCHERS, build_matcher, options_of
 
 __all__ = [
@@ -45,7 +46,16 @@ __all__ = [
 
 #: The config fields that are matcher options: passed only when given (or set by a preset); one
 #: the chosen matcher does not take is an error.
-MATCHER_FIELDS = ("eps", "tau1", "tau2", "background_cost", "normalize_cost", "max_iter", "tol")
+MATCHER_FIELDS = (
+    "eps",
+    "tau1",
+    "tau2",
+    "background_cost",
+    "normalize_cost",
+    "decode",
+    "max_iter",
+    "tol",
+)
 #: The UOT paper's eps0 in eps = eps0 / (log(2 Q) + 1), on a cost normalised by its maximum.
 PAPER_EPS0 = 0.12
 
@@ -107,7 +117,15 @@ class DETRConfig(TrainConfig):
     )
     normalize_cost: bool | None = field(
         default=None,
-        metadata={"help": "uot: divide each image's cost by its maximum", "default_help": "off"},
+        metadata={"help": "uot: divide each image's cost by its maximum", "default_help": "on"},
+    )
+    decode: str | None = field(
+        default=None,
+        metadata={
+            "help": "uot: how the plan becomes the hard loss's pairs",
+            "choices": DECODINGS,
+            "default_help": "hungarian: every target gets a query",
+        },
     )
     max_iter: int | None = field(
         default=None, metadata={"help": "uot: solver iterations at most", "default_help": "1000"}

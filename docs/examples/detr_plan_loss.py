@@ -41,4 +41,8 @@ targets = [
 losses = criterion(outputs, targets)
 losses["loss"].backward()
 print({k: round(v.item(), 4) for k, v in losses.items() if k.startswith("loss")})
-print("matched pairs of image 0:", matcher(outputs, targets)[0])
+# The pairs for a hard loss (decode="hungarian", the default): every target gets a query
+pairs = matcher(outputs, targets)
+print("matched pairs of image 0:", pairs[0])
+paired = [len(gt.unique()) for _, gt in pairs]
+print("targets paired:", paired, "of", [len(t["labels"]) for t in targets])

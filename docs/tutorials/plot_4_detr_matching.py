@@ -60,7 +60,8 @@ def show(p):
 
 
 print("Hungarian pairs (query, object):", show(pairs))
-print("UOT decoded pairs:             ", show(m.pairs()[0]))
+print("UOT pairs (decode=hungarian):  ", show(m.pairs("hungarian")[0]))
+print("UOT pairs (decode=argmax):     ", show(m.pairs("argmax")[0]))
 limit = UOTMatcher(eps=0.0, cost_class=2, cost_bbox=5, cost_giou=2)(outputs, targets)[0]
 print("UOT at eps = 0 equals Hungarian:", show(limit) == show(pairs))
 

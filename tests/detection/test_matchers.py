@@ -139,22 +139,87 @@ def test_more_targets_than_queries_leaves_the_extra_targets_unmatched(eps):
 
 
 def test_focal_class_cost_is_the_published_formula():
-    """Deformable DETR / DINO / RT-DETR: alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma
-    (-log(1 - p)) of the target class, on sigmoid probabilities: hand-computed values."""
+    """Deformable DETR / DINO / RT-DETR: alpha (1 - p)^gamma (-log(p + 1e-8)) - (1 - alpha)
+    p^gamma (-log(1 - p + 1e-8)) of the target class, on sigmoid probabilities, as their code
+    and Hugging Face's compute it (focal_eps = 0: without the 1e-8): hand-computed values."""
     from uotmatch.detection.costs import detr_class_cost
 
     logits = torch.tensor([[[0.0, 2.0], [-1.0, 0.5]]], dtype=torch.float64)  # [B, Q, K]
     labels = torch.tensor([[1, 0]])
-    cost = detr_class_cost(logits, labels, focal=True)  # [1, 2, 2]
 
-    def published(x):
+    def published(x, e=1e-8):
         p = 1 / (1 + math.exp(-x))
-        return 0.25 * (1 - p) ** 2 * -math.log(p) - 0.75 * p**2 * -math.log(1 - p)
+        return 0.25 * (1 - p) ** 2 * -math.log(p + e) - 0.75 * p**2 * -math.log(1 - p + e)
 
-    expected = [[published(2.0), published(0.0)], [published(0.5), published(-1.0)]]
-    torch.testing.assert_close(cost[0], torch.tensor(expected, dtype=torch.float64))
+    for focal_eps in (1e-8, 0.0):
+        cost = detr_class_cost(logits, labels, focal=True, focal_eps=focal_eps)  # [1, 2, 2]
+        e = focal_eps
+        expected = [
+            [published(2.0, e), published(0.0, e)],
+            [published(0.5, e), published(-1.0, e)],
+        ]
+        torch.testing.assert_close(cost[0], torch.tensor(expected, dtype=torch.float64))
+    cost = detr_class_cost(logits, labels, focal=True)
     # with the cost weights, the matchers' cost is that plus DETR's box terms
     out = {"pred_logits": logits.float(), "pred_boxes": torch.full((1, 2, 4), 0.5)}
     tgt = [{"labels": torch.tensor([1, 0]), "boxes": torch.full((2, 4), 0.5)}]
     C, _ = UOTMatcher(focal=True, cost_class=2.0).cost(out, tgt)
     torch.testing.assert_close(C[0].double(), 2 * cost[0] - 2.0, atol=1e-6, rtol=0)
+
+
+def _deformable_detr_focal_cost(logits, labels, alpha=0.25, gamma=2.0):
+    """Deformable-DETR's matcher's class cost (its ``HungarianMatcher.forward``), written out
+    from its published code: ``out_prob = logits.sigmoid()``, ``1e-8`` inside the logs."""
+    out_prob = logits.sigmoid()
+    neg = (1 - alpha) * (out_prob**gamma) * (-(1 - out_prob + 1e-8).log())
+    pos = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
+    return pos[:, labels] - neg[:, labels]
+
+
+def test_saturated_logits_pair_as_deformable_detrs_matcher():
+    """One target and two queries with logits 20 and 30 for its class and the same boxes:
+    Deformable-DETR's cost (and Hugging Face's) no longer tells them apart past a logit of
+    about 16.6 (its 1e-8), so its Hungarian takes the first query; ours, with the same 1e-8,
+    pairs the same, and the exact form (focal_eps=0) would prefer the more confident one."""
+    logits = torch.tensor([[[20.0, -5.0], [30.0, -5.0]]])  # [1, 2 queries, 2 classes]
+    boxes = torch.full((1, 2, 4), 0.3)
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.full((1, 4), 0.3)}]
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+    theirs = _deformable_detr_focal_cost(logits[0], torch.tensor([0]))
+    assert float(theirs[0, 0]) == float(theirs[1, 0])  # saturated: a tie, broken by order
+    assert HungarianMatcher(focal=True)(outputs, targets)[0][0].tolist() == [0]
+    exact = HungarianMatcher(focal=True, focal_eps=0.0)(outputs, targets)
+    assert exact[0][0].tolist() == [1]
+    C, _ = HungarianMatcher(focal=True, cost_bbox=0.0, cost_giou=0.0).cost(outputs, targets)
+    torch.testing.assert_close(C[0], theirs)
+
+
+def test_every_target_gets_a_query_at_initialisation():
+    """Near-identical queries (a DETR at random initialisation): the plan is spread thin and
+    every query's largest share is the background's, so the raw argmax decoding pairs no target
+    at all; the matchers' default decoding (the one-to-one matching of most plan mass) pairs
+    every target, at every eps in [1e-3, 1] and for finite taus."""
+    g = torch.Generator().manual_seed(0)
+    B, Q, K = 4, 20, 5
+    base = torch.randn(1, 1, K, generator=g)
+    outputs = {
+        "pred_logits": base + 1e-3 * torch.randn(B, Q, K, generator=g),
+        "pred_boxes": torch.full((B, Q, 4), 0.5) + 1e-3 * torch.rand(B, Q, 4, generator=g),
+    }
+    sizes = [5, 3, 1, 7]
+    targets = [
+        {
+            "labels": torch.randint(K - 1, (n,), generator=g),
+            "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.1,
+        }
+        for n in sizes
+    ]
+    for eps in (1e-3, 1e-2, 0.1, 1.0):
+        for taus in ((math.inf, math.inf), (1.0, 1.0), (10.0, 1.0), (math.inf, 1.0)):
+            matcher = UOTMatcher(eps=eps, tau1=taus[0], tau2=taus[1])
+            pairs = matcher(outputs, targets)
+            for (pred, gt), n in zip(pairs, sizes, strict=True):
+                assert sorted(gt.tolist()) == list(range(n)), (eps, taus)
+                assert len(set(pred.tolist())) == n  # one query each
+    raw = UOTMatcher(eps=0.05, decode="argmax")(outputs, targets)
+    assert sum(len(p) for p, _ in raw) < sum(sizes)  # the raw decoding starves targets

@@ -62,7 +62,7 @@ def test_every_matcher_takes_detrs_call_and_solves(name):
     m = matcher.solve(outputs, targets)
     assert m.plan.shape == (2, 6, 3) and m.has_background  # [B, Q, G + 1]
     assert [len(p) for p, _ in pairs] == [2, 1]
-    for (p, t), (mp, mt) in zip(pairs, m.pairs(), strict=True):
+    for (p, t), (mp, mt) in zip(pairs, m.pairs(matcher.decode), strict=True):
         assert torch.equal(p, mp) and torch.equal(t, mt)
     padded = SetTargets.from_list(targets)
     assert [(p.tolist(), t.tolist()) for p, t in matcher(outputs, padded)] == [

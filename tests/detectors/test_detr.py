@@ -232,6 +232,28 @@ def test_unconverged_matchings_are_counted_and_the_budget_is_a_flag(data, tmp_pa
         detr_train.DETRConfig(data=str(data), matcher="hungarian", tol=1e-3)
 
 
+@pytest.mark.parametrize("extra", [{}, {"tau1": 1.0, "tau2": 1.0}], ids=["default", "unbalanced"])
+def test_uot_hard_loss_trains_the_boxes_from_the_first_step(data, extra):
+    """``--matcher uot`` with the default hard loss at random initialisation (near-identical
+    queries): every target gets a query, so the box losses are positive and reach the box head
+    (the raw argmax decoding paired none: loss_bbox 0.0)."""
+    cfg = detr_train.DETRConfig(data=str(data), matcher="uot", short=64, max_size=64, **extra)
+    train_set, _ = datasets(cfg)
+    batch = collate([train_set[i] for i in range(4)])
+    model = _model(num_classes=20, num_queries=32)
+    criterion = detr_train.build_criterion(cfg, 20)
+    targets = detr_targets(batch)
+    outputs = model(batch["images"], batch["pad_mask"])
+    pairs = criterion.matcher(outputs, targets)
+    for (_, gt), real in zip(pairs, targets.mask, strict=True):
+        assert sorted(gt.tolist()) == torch.nonzero(real).flatten().tolist()  # each, once
+    losses = criterion(outputs, targets)
+    assert losses["loss_bbox"] > 0 and losses["loss_giou"] > 0
+    losses["loss"].backward()
+    head = model.bbox_embed.layers[-1].weight.grad
+    assert head is not None and head.abs().sum() > 0
+
+
 @pytest.mark.parametrize("preset", ["", "uot-paper"])
 def test_loss_decreases_on_one_batch(data, preset):
     """Both matchings learn: 25 AdamW steps on one batch of 4 images cut the loss by a fifth."""

@@ -10,20 +10,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 import uotmatch
 from uotmatch import _checks
+from uotmatch._decode import DECODINGS
+from uotmatch._exact import linear_sum_assignment_or_raise
 from uotmatch._match import MAX_ITER, TOL
 from uotmatch._result import Matching
-from uotmatch.detection.costs import detr_box_costs, detr_class_cost
+from uotmatch.detection.costs import DETR_FOCAL_EPS, detr_box_costs, detr_class_cost
 
 __all__ = ["HungarianMatcher", "SetMatcher", "SetTargets", "UOTMatcher", "set_matching_cost"]
 
 Pairs = list[tuple[Tensor, Tensor]]
 #: The padding box of :class:`SetTargets` (a valid normalised cxcywh box; never matched).
 PAD_BOX = (0.5, 0.5, 1.0, 1.0)
+#: The targets' class key: DETR's, then Hugging Face transformers'.
+_LABEL_KEYS = ("labels", "class_labels")
+#: The outputs' logits key: DETR's, then Hugging Face transformers'.
+_LOGIT_KEYS = ("pred_logits", "logits")
 
 
 @dataclass
@@ -46,28 +51,40 @@ class SetTargets:
     def from_list(
         cls, targets: Sequence[Mapping[str, Tensor]], device: torch.device | str | None = None
     ) -> SetTargets:
-        """DETR's ``[{"labels": [n_i], "boxes": [n_i, 4]}, ...]`` padded to ``G = max n_i``."""
+        """DETR's ``[{"labels": [n_i], "boxes": [n_i, 4]}, ...]`` padded to ``G = max n_i``
+        (Hugging Face's ``"class_labels"`` is read as ``"labels"``)."""
         if not isinstance(targets, Sequence) or isinstance(targets, str | bytes):
             raise ValueError(f"targets must be a list of dicts, got {type(targets).__name__}")
-        sizes = []
+        sizes, labels_of = [], []
         for i, t in enumerate(targets):
-            if not isinstance(t, Mapping) or "labels" not in t or "boxes" not in t:
-                raise ValueError(f"targets[{i}] must be a dict with 'labels' and 'boxes'")
-            if not isinstance(t["labels"], Tensor) or not isinstance(t["boxes"], Tensor):
-                raise ValueError(f"targets[{i}]['labels'] and ['boxes'] must be torch tensors")
-            n = len(t["labels"])
-            if tuple(t["boxes"].shape) != (n, 4):
+            key = _LABEL_KEYS[0] if isinstance(t, Mapping) and _LABEL_KEYS[0] in t else None
+            key = key or next((k for k in _LABEL_KEYS if isinstance(t, Mapping) and k in t), None)
+            if key is None or "boxes" not in t:
+                raise ValueError(
+                    f"targets[{i}] must be a dict with 'labels' (or Hugging Face's "
+                    "'class_labels') and 'boxes'"
+                )
+            labels, boxes = t[key], t["boxes"]
+            if not isinstance(labels, Tensor) or not isinstance(boxes, Tensor):
+                raise ValueError(f"targets[{i}]['{key}'] and ['boxes'] must be torch tensors")
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(
+                    f"targets[{i}]['{key}'] must hold integer class indices, got {labels.dtype}"
+                )
+            n = len(labels)
+            if tuple(boxes.shape) != (n, 4):
                 raise ValueError(
                     f"targets[{i}]['boxes'] must be [{n}, 4] to match its {n} labels, "
-                    f"got {tuple(t['boxes'].shape)}"
+                    f"got {tuple(boxes.shape)}"
                 )
             sizes.append(n)
+            labels_of.append(labels)
         B, G = len(targets), max(sizes, default=0)
         labels = torch.zeros(B, G, dtype=torch.long, device=device)
         boxes = torch.tensor(PAD_BOX, device=device).repeat(B, G, 1)
         mask = torch.zeros(B, G, dtype=torch.bool, device=device)
         for i, (t, n) in enumerate(zip(targets, sizes, strict=True)):
-            labels[i, :n] = t["labels"].to(device=device, dtype=torch.long)
+            labels[i, :n] = labels_of[i].to(device=device, dtype=torch.long)
             boxes[i, :n] = t["boxes"].to(device=device, dtype=boxes.dtype)
             mask[i, :n] = True
         return cls(labels, boxes, mask)
@@ -91,6 +108,7 @@ def set_matching_cost(
     focal: bool = False,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    focal_eps: float = DETR_FOCAL_EPS,
 ) -> Tensor:
     """DETR's matching cost, batched: ``[B, Q, G]``.
 
@@ -103,51 +121,61 @@ def set_matching_cost(
         pred_boxes: ``[B, Q, 4]`` normalised cxcywh.
         labels: ``[B, G]`` int64; boxes: ``[B, G, 4]`` normalised cxcywh.
     """
-    cls = detr_class_cost(pred_logits, labels, focal, focal_alpha, focal_gamma)
+    cls = detr_class_cost(pred_logits, labels, focal, focal_alpha, focal_gamma, focal_eps)
     l1, giou = detr_box_costs(pred_boxes, boxes)
     return cost_bbox * l1 + cost_class * cls - cost_giou * giou
 
 
 def _check_outputs(outputs: Mapping[str, Tensor], targets: SetTargets, focal: bool):
-    if not isinstance(outputs, Mapping) or not {"pred_logits", "pred_boxes"} <= set(outputs):
-        raise ValueError("outputs must be a dict with 'pred_logits' and 'pred_boxes'")
-    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    key = next((k for k in _LOGIT_KEYS if isinstance(outputs, Mapping) and k in outputs), None)
+    if key is None or "pred_boxes" not in outputs:
+        raise ValueError(
+            "outputs must be a dict with 'pred_logits' (or Hugging Face's 'logits') and "
+            "'pred_boxes'"
+        )
+    logits, boxes = outputs[key], outputs["pred_boxes"]
     if not isinstance(logits, Tensor) or not isinstance(boxes, Tensor):
-        raise ValueError("outputs['pred_logits'] and outputs['pred_boxes'] must be tensors")
+        raise ValueError(f"outputs['{key}'] and outputs['pred_boxes'] must be tensors")
     if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape[-1] != 4:
         raise ValueError(
-            "outputs['pred_logits'] must be [B, Q, K] and outputs['pred_boxes'] [B, Q, 4], got "
+            f"outputs['{key}'] must be [B, Q, K] and outputs['pred_boxes'] [B, Q, 4], got "
             f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
         )
     if logits.shape[:2] != boxes.shape[:2] or logits.shape[0] != len(targets):
         raise ValueError(
-            f"batch and query sizes must agree: pred_logits {tuple(logits.shape[:2])}, "
+            f"batch and query sizes must agree: {key} {tuple(logits.shape[:2])}, "
             f"pred_boxes {tuple(boxes.shape[:2])}, {len(targets)} targets"
         )
     # Labels index the class logits: [0, K) with focal, [0, K - 1) with softmax (no-object last).
     K = logits.shape[-1] - (0 if focal else 1)
     real = targets.mask
     bad_label = ((targets.labels < 0) | (targets.labels >= K)) & real
-    finite = torch.stack(
+    wh = targets.boxes[..., 2:]
+    bad_box = ~(torch.isfinite(targets.boxes).all(-1) & (wh >= 0).all(-1)) & real
+    ok = torch.stack(
         [
             torch.isfinite(logits).all(),
             torch.isfinite(boxes).all(),
-            (torch.isfinite(targets.boxes).all(-1) | ~real).all(),
+            ~bad_box.any(),
             ~bad_label.any(),
         ]
     ).tolist()
-    if not finite[0]:
-        raise ValueError("outputs['pred_logits'] must be finite (it holds NaN or inf)")
-    if not finite[1]:
+    if not ok[0]:
+        raise ValueError(f"outputs['{key}'] must be finite (it holds NaN or inf)")
+    if not ok[1]:
         raise ValueError("outputs['pred_boxes'] must be finite (it holds NaN or inf)")
-    if not finite[2]:
-        raise ValueError("targets: a box is not finite (NaN or inf)")
-    if not finite[3]:
+    if not ok[2]:
+        b, g = (int(i) for i in torch.nonzero(bad_box)[0])
+        raise ValueError(
+            f"targets[{b}]['boxes'][{g}] = {targets.boxes[b, g].tolist()}: expected a finite "
+            "normalised (cx, cy, w, h) box with w >= 0 and h >= 0"
+        )
+    if not ok[3]:
         b, g = (int(i) for i in torch.nonzero(bad_label)[0])
         what = "focal: K sigmoid logits" if focal else "softmax: K + 1 logits, no-object last"
         raise ValueError(
             f"targets[{b}]['labels'][{g}] = {int(targets.labels[b, g])} is not a class of "
-            f"pred_logits ([0, {K}) for {what})"
+            f"{key} ([0, {K}) for {what})"
         )
     return logits, boxes
 
@@ -156,10 +184,13 @@ class SetMatcher(nn.Module):
     """The contract of the set matchers (DETR's): ``matcher(outputs, targets)`` returns per
     image a pair ``(pred_idx, gt_idx)`` of int64 CPU tensors sorted by prediction, and
     ``matcher.solve(outputs, targets)`` the :class:`~uotmatch.Matching` they come from (its
-    plan ``[B, Q, G (+1)]``; the last column, when there is one, is the background).
+    plan ``[B, Q, G (+1)]``; the last column, when there is one, is the background). The pairs
+    are the plan decoded by ``decode`` (:meth:`uotmatch.Matching.pairs`).
 
     ``outputs``: ``{"pred_logits": [B, Q, K(+1)], "pred_boxes": [B, Q, 4]}`` (normalised
-    cxcywh); ``targets``: DETR's list of dicts, or :class:`SetTargets`.
+    cxcywh; Hugging Face's ``"logits"`` is read as ``"pred_logits"``); ``targets``: DETR's list
+    of dicts (``"labels"`` or Hugging Face's ``"class_labels"``, and ``"boxes"``), or
+    :class:`SetTargets`.
     """
 
     def __init__(
@@ -171,6 +202,8 @@ class SetMatcher(nn.Module):
         focal: bool,
         focal_alpha: float,
         focal_gamma: float,
+        focal_eps: float,
+        decode: str,
     ):
         super().__init__()
         self.cost_class = _checks.real("cost_class", cost_class, low=0.0)
@@ -181,10 +214,13 @@ class SetMatcher(nn.Module):
         self.focal = _checks.boolean("focal", focal)
         self.focal_alpha = _checks.real("focal_alpha", focal_alpha, low=0.0, high=1.0)
         self.focal_gamma = _checks.real("focal_gamma", focal_gamma, low=0.0)
+        self.focal_eps = _checks.real("focal_eps", focal_eps, low=0.0)
+        self.decode = _checks.choice("decode", decode, DECODINGS)
 
     def cost(self, outputs, targets) -> tuple[Tensor, SetTargets]:
         """The batched matching cost ``[B, Q, G]`` and the padded targets."""
-        logits = outputs.get("pred_logits") if isinstance(outputs, Mapping) else None
+        key = next((k for k in _LOGIT_KEYS if isinstance(outputs, Mapping) and k in outputs), None)
+        logits = outputs[key] if key else None
         device = logits.device if isinstance(logits, Tensor) else None
         targets = SetTargets.coerce(targets, device)
         logits, boxes = _check_outputs(outputs, targets, self.focal)
@@ -199,6 +235,7 @@ class SetMatcher(nn.Module):
             self.focal,
             self.focal_alpha,
             self.focal_gamma,
+            self.focal_eps,
         )
         return C, targets
 
@@ -207,7 +244,7 @@ class SetMatcher(nn.Module):
         raise NotImplementedError
 
     def forward(self, outputs, targets) -> Pairs:
-        return self.solve(outputs, targets).pairs()
+        return self.solve(outputs, targets).pairs(self.decode)
 
 
 def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, max_iter, tol):
@@ -226,7 +263,7 @@ def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, max_i
     a = torch.cat([C.new_ones(B, Q), extra[:, None]], dim=1)
     bg = torch.cat([C.new_full((B, Q), float(background_cost)), C.new_zeros(B, 1)], dim=1)
     m = uotmatch.match(C, eps, tau1, tau2, a=a, background_cost=bg, **kw)
-    return m._first_rows(Q)
+    return m.first_rows(Q)
 
 
 class HungarianMatcher(SetMatcher):
@@ -265,6 +302,7 @@ class HungarianMatcher(SetMatcher):
         focal: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        focal_eps: float = DETR_FOCAL_EPS,
     ):
         super().__init__(
             cost_class=cost_class,
@@ -273,11 +311,14 @@ class HungarianMatcher(SetMatcher):
             focal=focal,
             focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,
+            focal_eps=focal_eps,
+            decode="argmax",  # the plan is 0/1: every decoding gives its pairs
         )
 
     @torch.no_grad()
     def solve(self, outputs, targets) -> Matching:
-        """The 0/1 plan ``[B, Q, G + 1]``: per image, scipy's assignment on the real targets."""
+        """The 0/1 plan ``[B, Q, G + 1]``: per image, scipy's assignment on the real targets
+        (``uotmatch._exact``'s, which names an infeasible image)."""
         C, targets = self.cost(outputs, targets)
         B, Q, G = C.shape
         plan = np.zeros((B, Q, G + 1), dtype=np.float32)
@@ -286,7 +327,7 @@ class HungarianMatcher(SetMatcher):
         for i in range(B):
             cols = np.flatnonzero(mask[i])
             if cols.size:
-                r, c = linear_sum_assignment(costs[i][:, cols])
+                r, c = linear_sum_assignment_or_raise(costs[i][:, cols], item=i)
                 plan[i, r, cols[c]] = 1.0
                 plan[i, r, G] = 0.0
         plan = torch.from_numpy(plan).to(C.device)
@@ -294,29 +335,34 @@ class HungarianMatcher(SetMatcher):
 
         def potentials() -> tuple[Tensor, Tensor]:  # the exact duals, computed when asked for
             m = _solve_sets(C, targets.mask, 0.0, math.inf, math.inf, 0.0, MAX_ITER, TOL)
-            return m._potentials()
+            return m.f, m.g
 
         return Matching(
-            plan,
-            ones,
-            C.new_zeros(B),
-            torch.zeros(B, dtype=torch.long, device=C.device),
-            ["converged"] * B,
-            True,
-            potentials,
-            "torch",
-            True,
-            torch.float32,
+            plan=plan,
+            converged=ones,
+            error=C.new_zeros(B),
+            iterations=torch.zeros(B, dtype=torch.long, device=C.device),
+            status=["converged"] * B,
+            has_background=True,
+            potentials=potentials,
+            real=targets.mask,
         )
 
 
 class UOTMatcher(SetMatcher):
     """Set matching by entropic unbalanced OT, the whole batch in one :func:`uotmatch.match` call.
 
-    ``forward(outputs, targets)`` returns DETR-style pairs (each prediction to the target with
-    the largest share of its row, background excluded); :meth:`solve` returns the full
-    :class:`~uotmatch.Matching`, whose ``plan [B, Q, G + 1]`` (last column: background, padded
-    columns exactly 0) feeds the UOT paper's plan-weighted loss.
+    ``forward(outputs, targets)`` returns DETR-style pairs, the plan decoded by ``decode``;
+    :meth:`solve` returns the full :class:`~uotmatch.Matching`, whose ``plan [B, Q, G + 1]``
+    (last column: background, padded columns exactly 0) feeds the UOT paper's plan-weighted
+    loss.
+
+    The default decoding, ``"hungarian"``, is the one-to-one matching that carries the most plan
+    mass: every target gets a query whenever there are at least as many queries. The raw
+    ``"argmax"`` (each query to the target holding the largest share of its row) leaves most
+    targets without a query at the start of training, when the queries are near-identical and
+    every row's largest share is the background's: a hard loss on its pairs then trains no box
+    at all.
 
     With ``eps=0, tau1=tau2=inf`` it is exactly Hungarian matching (any constant background cost
     leaves the optimum unchanged). An image with more targets than queries leaves the extra
@@ -329,8 +375,11 @@ class UOTMatcher(SetMatcher):
             background column (then ``tau1 = tau2 = inf`` needs as many predictions as targets).
         normalize_cost: divide each image's cost by its largest absolute value (the UOT paper's
             DETR setting) before solving.
+        decode: how the plan becomes pairs (:meth:`uotmatch.Matching.pairs`): ``"hungarian"``
+            (default), ``"argmax"``, ``"official"`` or ``"per_target"``.
         cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma: as DETR
-            (``focal``: Deformable-DETR's focal class cost on sigmoid logits).
+            (``focal``: Deformable-DETR's focal class cost on sigmoid logits, with their
+            ``focal_eps = 1e-8`` inside the logs; 0 for the exact form).
         max_iter, tol: solver budget (:func:`uotmatch.match`'s defaults).
     """
 
@@ -341,13 +390,15 @@ class UOTMatcher(SetMatcher):
         tau1: float = math.inf,
         tau2: float = math.inf,
         background_cost: float | None = 0.0,
-        normalize_cost: bool = False,
+        normalize_cost: bool = True,
+        decode: str = "hungarian",
         cost_class: float = 1.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
         focal: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        focal_eps: float = DETR_FOCAL_EPS,
         max_iter: int = MAX_ITER,
         tol: float = TOL,
     ):
@@ -358,6 +409,8 @@ class UOTMatcher(SetMatcher):
             focal=focal,
             focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,
+            focal_eps=focal_eps,
+            decode=decode,
         )
         self.eps = _checks.real("eps", eps, low=0.0)
         self.tau1 = _checks.real("tau1", tau1, low=0.0, allow_inf=True)
@@ -380,7 +433,7 @@ class UOTMatcher(SetMatcher):
     def solve(self, outputs, targets) -> Matching:
         """The batched matching: plan ``[B, Q, G(+1)]`` with ``G = max`` targets per image."""
         C, targets = self.cost(outputs, targets)
-        if self.normalize_cost:
+        if self.normalize_cost and C.numel():
             scale = C.masked_fill(~targets.mask[:, None, :], 0).abs().amax((1, 2), keepdim=True)
             C = C / scale.clamp_min(torch.finfo(C.dtype).tiny)
         return _solve_sets(

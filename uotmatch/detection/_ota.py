@@ -9,6 +9,7 @@ from torch import Tensor
 
 import uotmatch
 from uotmatch import _checks
+from uotmatch._decode import decode_rows
 from uotmatch._match import MAX_ITER
 from uotmatch._rows import candidate_rows, gather_rows
 from uotmatch.detection._dense import (
@@ -42,7 +43,7 @@ DECODINGS = ("official", "argmax")
 
 def decode_plan(plan: Tensor, decode: str, background_scale: Tensor | None = None) -> Tensor:
     """Per anchor, the index of its ground truth, -1 for background, from ``plan [B, A, G +
-    1]`` (background last).
+    1]`` (background last): :func:`uotmatch._decode.decode_rows`.
 
     ``"argmax"``: the supplier sending the anchor the largest share (the paper's wording).
     ``"official"``: each supplier's plan column is first divided by its largest entry over the
@@ -52,15 +53,10 @@ def decode_plan(plan: Tensor, decode: str, background_scale: Tensor | None = Non
     spread thin over many anchors with none. ``background_scale [B]`` overrides the background
     column's largest entry (anchors solved elsewhere).
     """
-    if decode == "official":
-        scale = plan.amax(1, keepdim=True)  # [B, 1, G + 1]
-        if background_scale is not None:
-            scale = scale.clone()
-            scale[:, 0, -1] = torch.maximum(scale[:, 0, -1], background_scale)
-        plan = torch.where(scale > 0, plan / scale.clamp_min(torch.finfo(plan.dtype).tiny), 0.0)
-    best = plan.argmax(-1)  # [B, A]
-    G = plan.shape[-1] - 1
-    return torch.where((best == G) | (plan.amax(-1) <= 0), -1, best)
+    real = torch.ones(plan.shape[0], plan.shape[-1] - 1, dtype=torch.bool, device=plan.device)
+    return decode_rows(
+        plan, real, True, _checks.choice("decode", decode, DECODINGS), background_scale
+    )
 
 
 #: The OT assigners' default solver tolerance: the loosest at which their decisions on the

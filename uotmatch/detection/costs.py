@@ -17,6 +17,7 @@ from torch import Tensor
 from uotmatch.detection.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = [
+    "DETR_FOCAL_EPS",
     "IOU_LOG_EPS",
     "IOU_LOG_FLOOR",
     "bce_terms",
@@ -80,25 +81,38 @@ def iou_cost(ious: Tensor, *, floor: bool = False) -> Tensor:
     return -(ious + IOU_LOG_EPS).log()
 
 
+#: Deformable-DETR's (and Hugging Face's) focal matching cost adds this inside its logs.
+DETR_FOCAL_EPS = 1e-8
+
+
 def detr_class_cost(
     logits: Tensor,
     labels: Tensor,
     focal: bool = False,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    focal_eps: float = DETR_FOCAL_EPS,
 ) -> Tensor:
     """DETR's classification cost ``[B, Q, G]`` of ``logits [B, Q, K(+1)]`` for ``labels [B,
     G]``.
 
     Softmax (``focal=False``, the no-object logit last): ``-p(target class)``, as DETR. Focal
-    (``K`` sigmoid logits, as Deformable-DETR, DINO and RT-DETR): ``alpha (1 - p)^gamma (-log p)
-    - (1 - alpha) p^gamma (-log(1 - p))`` of the target class, i.e. the focal loss's positive
-    term less its negative one (their code adds 1e-8 inside the logs; the softplus form here is
-    the exact value, equal to within 1e-7 wherever ``p`` is in ``[1e-6, 1 - 1e-6]``).
+    (``K`` sigmoid logits, as Deformable-DETR, DINO and RT-DETR): ``alpha (1 - p)^gamma (-log(p
+    + e)) - (1 - alpha) p^gamma (-log(1 - p + e))`` of the target class, the focal loss's
+    positive term less its negative one, with Deformable-DETR's and Hugging Face's ``e =
+    focal_eps = 1e-8``: their matcher's cost stops changing past a logit of about 16.6, and so
+    does this one, so a swapped matcher makes their pairs also at saturated logits. ``focal_eps
+    = 0`` is the exact value (``-log p = softplus(-x)``), finite at any logit.
     """
     index = labels[:, None, :].expand(-1, logits.shape[1], -1)  # [B, Q, G]
-    if focal:
+    if focal and focal_eps == 0:
         pos, neg = focal_elementwise(logits, focal_alpha, focal_gamma)
+        return (pos - neg).gather(2, index)
+    if focal:
+        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        p = x.sigmoid()
+        neg = (1 - focal_alpha) * p.pow(focal_gamma) * -(1 - p + focal_eps).log()
+        pos = focal_alpha * (1 - p).pow(focal_gamma) * -(p + focal_eps).log()
         return (pos - neg).gather(2, index)
     return -logits.float().softmax(-1).gather(2, index)
 
