@@ -11,6 +11,11 @@ Runs (``--runs``, default all):
   tower: the bundled FCOS's CPU size) with its own matching
   (centre sampling, scale ranges); ``tv-fcos-ota``: the same with ``use_assigner(model,
   OTAAssigner())``. Trained here with SGD, cosine schedule.
+* ``hf-deformable``: Hugging Face transformers' ``DeformableDetrForObjectDetection`` (a tiny
+  ResNet from scratch, 3 feature levels, ``d_model`` 64, 2 + 3 layers, 30 queries) with its own
+  loss and Hungarian matching; ``hf-deformable-uot``: the same with ``use_matcher(model,
+  "uot", loss="plan")`` (the UOT paper's DETR setting: balanced OT at eps = 0.12 / (log(2 Q) +
+  1) on the cost divided by its maximum, the plan-weighted loss). AdamW, cosine schedule.
 * ``yolo-tal``: Ultralytics YOLOv8n (from its yaml, no weights) with its
   ``TaskAlignedAssigner``; ``yolo-ota`` and ``yolo-uot``: with ``trainer(OTAAssigner())`` and
   ``trainer(UOTAssigner(tau1=10, tau2=1))``. Trained by Ultralytics with its defaults
@@ -42,7 +47,15 @@ from detectors.common.evaluation import coco_detections, coco_evaluate
 from detectors.data import colorboxes
 from detectors.data.yolo import write_yolo
 
-RUNS = ("tv-fcos", "tv-fcos-ota", "yolo-tal", "yolo-ota", "yolo-uot")
+RUNS = (
+    "tv-fcos",
+    "tv-fcos-ota",
+    "hf-deformable",
+    "hf-deformable-uot",
+    "yolo-tal",
+    "yolo-ota",
+    "yolo-uot",
+)
 
 
 def _assigner(name: str):
@@ -151,6 +164,113 @@ def train_torchvision(name, data: Path, args, seed: int) -> dict:
                 )
     metrics = coco_evaluate(val.ann_file, detections, image_ids=val.ids)
     return {**metrics, "step_s": statistics.median(step_times[len(step_times) // 10 :])}
+
+
+# -- Hugging Face transformers ---------------------------------------------------------------------
+
+
+def _hf_model(name: str, num_classes: int, args):
+    """A tiny Deformable DETR from its config (random weights, nothing downloaded), with HF's
+    own matching (``hf-deformable``) or the UOT paper's (``hf-deformable-uot``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    from uotmatch.integrations.transformers import use_matcher
+
+    backbone = ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = DeformableDetrConfig(
+        backbone_config=backbone,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        num_queries=args.hf_queries,
+        num_labels=num_classes,
+        auxiliary_loss=True,
+    )
+    model = DeformableDetrForObjectDetection(config)
+    if name.endswith("-uot"):
+        eps = 0.12 / (math.log(2 * args.hf_queries) + 1)
+        use_matcher(model, "uot", loss="plan", eps=eps)
+    return model
+
+
+def _hf_targets(targets, size: int):
+    """Color Boxes targets (xyxy pixels) as HF's: class_labels, normalised cxcywh boxes."""
+    out = []
+    for t in targets:
+        b = t["boxes"] / size
+        cxcywh = torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)
+        out.append({"class_labels": t["labels"], "boxes": cxcywh})
+    return out
+
+
+def train_hf(name, data: Path, args, seed: int) -> dict:
+    torch.manual_seed(seed)
+    train = CocoDetection(data, data / "annotations" / "instances_train.json")
+    val = CocoDetection(data, data / "annotations" / "instances_val.json")
+    model = _hf_model(name, train.num_classes, args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.hf_lr, weight_decay=1e-4)
+    loader = torch.utils.data.DataLoader(
+        train,
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=lambda s: s,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    total = args.hf_epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(total, 1)))
+    )
+    step_times = []
+    for epoch in range(args.hf_epochs):
+        model.train()
+        for samples in loader:
+            images = torch.stack([im for im, _ in samples])
+            labels = _hf_targets([t for _, t in samples], args.size)
+            start = time.perf_counter()
+            loss = model(pixel_values=images, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            opt.step()
+            sched.step()
+            step_times.append(time.perf_counter() - start)
+        print(f"  {name} seed {seed} epoch {epoch + 1}/{args.hf_epochs} loss {loss.item():.3f}")
+    model.eval()
+    detections = []
+    with torch.no_grad():
+        for i in range(0, len(val), args.batch_size):
+            samples = [val[j] for j in range(i, min(i + args.batch_size, len(val)))]
+            out = model(pixel_values=torch.stack([im for im, _ in samples]))
+            prob = out.logits.sigmoid()  # Deformable DETR's post-processing: top 100 of Q x K
+            B, Q, K = prob.shape
+            scores, index = prob.flatten(1).topk(min(100, Q * K), dim=1)
+            boxes = out.pred_boxes.gather(1, (index // K)[..., None].expand(-1, -1, 4))
+            xyxy = torch.cat(
+                [boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], -1
+            )
+            for (_, target), s, k, b in zip(
+                samples, scores, index % K, xyxy * args.size, strict=True
+            ):
+                detections += coco_detections(
+                    target["image_id"], b.tolist(), s.tolist(), k.tolist(), val.cat_ids
+                )
+    metrics = coco_evaluate(val.ann_file, detections, image_ids=val.ids)
+    matcher = getattr(model.loss_function, "matcher", None)
+    extra = {} if matcher is None else {"unconverged": matcher.unconverged, "calls": matcher.calls}
+    return {**metrics, "step_s": statistics.median(step_times[len(step_times) // 10 :]), **extra}
 
 
 # -- Ultralytics ---------------------------------------------------------------------------------
@@ -282,6 +402,22 @@ def paired_step_times(data: Path, args, rounds: int = 3, count: int = 6) -> dict
         warnings.simplefilter("ignore", RuntimeWarning)  # slow-converging solves say so
         out.update(_alternate(steps, batches, rounds))
 
+    if args.hf_epochs:
+        hf_batches = [
+            (torch.stack(images), _hf_targets(targets, args.size)) for images, targets in batches
+        ]
+        steps = {}
+        for name in ("hf-deformable", "hf-deformable-uot"):
+            torch.manual_seed(0)
+            model = _hf_model(name, num_classes, args).train()
+
+            def step(batch, model=model):
+                model.zero_grad()
+                model(pixel_values=batch[0], labels=batch[1]).loss.backward()
+
+            steps[name] = step
+        out.update(_alternate(steps, hf_batches, rounds))
+
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-config-"))
     from ultralytics.nn.tasks import DetectionModel
@@ -337,10 +473,12 @@ def table(results: dict, paired: dict | None = None) -> str:
         "| framework | assignment | seeds | AP | AP50 | AR100 | step time vs its own |",
         "|---|---|---|---|---|---|---|",
     ]
-    own = {"tv": "tv-fcos", "yolo": "yolo-tal"}
+    own = {"tv": "tv-fcos", "hf": "hf-deformable", "yolo": "yolo-tal"}
     labels = {
         "tv-fcos": ("torchvision FCOS", "its own (centre sampling)"),
         "tv-fcos-ota": ("torchvision FCOS", "OTA (uotmatch)"),
+        "hf-deformable": ("HF Deformable DETR", "its own (Hungarian)"),
+        "hf-deformable-uot": ("HF Deformable DETR", "UOT plan loss (uotmatch)"),
         "yolo-tal": ("YOLOv8n", "its own (TAL)"),
         "yolo-ota": ("YOLOv8n", "OTA (uotmatch)"),
         "yolo-uot": ("YOLOv8n", "UOT tau1 10, tau2 1 (uotmatch)"),
@@ -384,6 +522,9 @@ def main(argv=None):
     p.add_argument("--tv-channels", type=int, default=64, help="torchvision FCOS width")
     p.add_argument("--tv-convs", type=int, default=2, help="torchvision FCOS convs per tower")
     p.add_argument("--yolo-epochs", type=int, default=30)
+    p.add_argument("--hf-epochs", type=int, default=24, help="0: no Hugging Face runs")
+    p.add_argument("--hf-lr", type=float, default=1e-3)
+    p.add_argument("--hf-queries", type=int, default=30)
     p.add_argument("--device", default="cpu", help="cpu, or a CUDA device index (0)")
     p.add_argument(
         "--step-rounds",
@@ -412,6 +553,8 @@ def main(argv=None):
             start = time.perf_counter()
             if name.startswith("tv"):
                 r = train_torchvision(name, data, args, seed)
+            elif name.startswith("hf"):
+                r = train_hf(name, data, args, seed)
             else:
                 r = train_yolo(name, data, yolo_data, args, seed, out)
             r["wall_s"] = time.perf_counter() - start

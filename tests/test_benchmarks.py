@@ -150,7 +150,9 @@ def test_train_frameworks_paired_step_times_and_table(tmp_path):
 
     tf = _load("train_frameworks")
     colorboxes.generate(tmp_path, train=4, val=0, size=64, crowded=True, progress=False)
-    args = argparse.Namespace(size=64, batch_size=2, tv_channels=32, tv_convs=1)
+    args = argparse.Namespace(
+        size=64, batch_size=2, tv_channels=32, tv_convs=1, hf_epochs=1, hf_queries=10
+    )
     times = tf.paired_step_times(tmp_path, args, rounds=1, count=1)
     assert set(times) == set(tf.RUNS) and all(t > 0 for t in times.values())
     run = {"0": {"AP": 0.1, "AP50": 0.2, "AR100": 0.3, "step_s": 9.0}}

@@ -7,12 +7,12 @@ Losses come from ``loss_map`` and are combined with ``weight_dict`` (DETR's stru
 are logged. With auxiliary decoding losses every decoder layer is matched and scored (keys
 suffixed ``_i``).
 
-Every loss is computed one way, weighted by a plan ``P [B, Q, G]`` and each query's background
-share ``P_i∅``: ``sum_ij P_ij L(y_hat_i, y_j) + sum_i P_i∅ L_noobj(y_hat_i)``. With
-``loss_weighting="plan"`` the plan is the matcher's (the UOT paper's loss ``N_p sum_ij P_ij
-L``: with our unit prediction masses the rows already sum to 1); with ``"hard"`` it is the 0/1
-plan of the decoded pairs, and then this is exactly DETR's loss (tested against DETR's own
-formulas). Targets stay padded (:class:`~uotmatch.detection.SetTargets`) from the batch to the
+Every loss is computed one way (:mod:`uotmatch.detection.losses`), weighted by a plan ``P [B, Q,
+G]`` and each query's background share ``P_i∅``: ``sum_ij P_ij L(y_hat_i, y_j) + sum_i P_i∅
+L_noobj(y_hat_i)``. With ``loss_weighting="plan"`` the plan is the matcher's (the UOT paper's loss
+``N_p sum_ij P_ij L``: with our unit prediction masses the rows already sum to 1); with ``"hard"``
+it is the 0/1 plan of the decoded pairs, and then this is exactly DETR's loss (tested against DETR's
+own formulas). Targets stay padded (:class:`~uotmatch.detection.SetTargets`) from the batch to the
 losses.
 """
 
@@ -22,11 +22,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import sigmoid_focal_loss
 
 from detectors.common.dist import global_count
 from uotmatch.detection import SetMatcher, SetTargets, box_xyxy_to_cxcywh
-from uotmatch.detection.costs import detr_box_costs, one_hot_terms
+from uotmatch.detection.losses import (
+    loss_weights,
+    plan_box_losses,
+    plan_cross_entropy,
+    plan_focal_loss,
+)
 
 __all__ = ["LOSS_WEIGHTINGS", "SetCriterion", "detr_targets"]
 
@@ -118,34 +122,27 @@ class SetCriterion(nn.Module):
         one-to-one matching of most plan mass, which gives every target a query)."""
         m = self.matcher.solve(outputs, targets)
         self.unconverged += int((~m.converged).sum())
-        plan = m.plan.to(outputs["pred_logits"].device, torch.float32)
-        G = targets.labels.shape[1]
-        if self.loss_weighting == "hard":
-            hard = torch.zeros(plan.shape[0], plan.shape[1], G, device=plan.device)
-            for b, (pred, gt) in enumerate(m.pairs(self.matcher.decode)):
-                hard[b, pred.to(plan.device), gt.to(plan.device)] = 1.0
-            return hard, (1 - hard.sum(-1)).clamp_min(0)
-        if m.has_background:
-            return plan[..., :G], plan[..., G]
-        return plan, (1 - plan.sum(-1)).clamp_min(0)
+        decode = self.matcher.decode if self.loss_weighting == "hard" else None
+        plan, background = loss_weights(m, targets.labels.shape[1], decode)
+        device = outputs["pred_logits"].device
+        return plan.to(device), background.to(device)
 
     # -- losses: every pair weighted by the plan, a query's background share by itself ------------
 
     def loss_labels(self, outputs, targets, matching, num_boxes) -> dict[str, Tensor]:
-        logits = outputs["pred_logits"].float()  # [B, Q, K(+1)]
+        logits = outputs["pred_logits"]  # [B, Q, K(+1)]
         plan, background = matching
         if self.focal:
-            pos = sigmoid_focal_loss(logits, torch.ones_like(logits), FOCAL_ALPHA, FOCAL_GAMMA)
-            neg = sigmoid_focal_loss(logits, torch.zeros_like(logits), FOCAL_ALPHA, FOCAL_GAMMA)
-            pair, bg = one_hot_terms(pos, neg, targets.labels)
-            out = {"loss_ce": ((plan * pair).sum() + (background * bg).sum()) / num_boxes}
+            loss = plan_focal_loss(
+                logits, targets.labels, plan, background, FOCAL_ALPHA, FOCAL_GAMMA
+            )
+            out = {"loss_ce": loss / num_boxes}
         else:
-            logp = logits.log_softmax(-1)
-            ce_pair = -logp.gather(2, targets.labels[:, None, :].expand_as(plan))  # [B, Q, G]
-            ce_bg = -logp[..., -1]  # [B, Q], class weight eos_coef
-            num = (plan * ce_pair).sum() + self.eos_coef * (background * ce_bg).sum()
-            den = plan.sum() + self.eos_coef * background.sum()
-            out = {"loss_ce": num / den.clamp_min(torch.finfo(den.dtype).tiny)}
+            out = {
+                "loss_ce": plan_cross_entropy(
+                    logits, targets.labels, plan, background, self.eos_coef
+                )
+            }
         matched = plan.sum() > 0
         if bool(matched):  # logged, as DETR's: the matched queries' top class is wrong
             predicted = logits.argmax(-1)  # [B, Q]
@@ -155,12 +152,8 @@ class SetCriterion(nn.Module):
         return out
 
     def loss_boxes(self, outputs, targets, matching, num_boxes) -> dict[str, Tensor]:
-        plan, _ = matching
-        l1, giou = detr_box_costs(outputs["pred_boxes"], targets.boxes)  # [B, Q, G]
-        return {
-            "loss_bbox": (plan * l1).sum() / num_boxes,
-            "loss_giou": (plan * (1 - giou)).sum() / num_boxes,
-        }
+        l1, giou = plan_box_losses(outputs["pred_boxes"], targets.boxes, matching[0])
+        return {"loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes}
 
     @torch.no_grad()
     def loss_cardinality(self, outputs, targets, matching, num_boxes) -> dict[str, Tensor]:

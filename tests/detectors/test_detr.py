@@ -256,7 +256,9 @@ def test_uot_hard_loss_trains_the_boxes_from_the_first_step(data, extra):
 
 @pytest.mark.parametrize("preset", ["", "uot-paper"])
 def test_loss_decreases_on_one_batch(data, preset):
-    """Both matchings learn: 25 AdamW steps on one batch of 4 images cut the loss by a fifth."""
+    """Both matchings learn: 40 AdamW steps on one batch of 4 images cut the loss by a fifth
+    (to about 0.64 of its start on Color Boxes)."""
+    torch.manual_seed(0)  # the same batch (augmentation) whatever ran before
     cfg = detr_train.DETRConfig(data=str(data), preset=preset, short=64, max_size=64)
     train_set, _ = datasets(cfg)
     batch = collate([train_set[i] for i in range(4)])
@@ -265,13 +267,13 @@ def test_loss_decreases_on_one_batch(data, preset):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     targets = detr_targets(batch)
     history = []
-    for _ in range(25):
+    for _ in range(40):
         losses = criterion(model(batch["images"], batch["pad_mask"]), targets)
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
         history.append(float(losses["loss"].detach()))
-    assert history[-1] < 0.8 * history[0]
+    assert history[-1] < 0.8 * history[0], history
 
 
 def test_resume_gives_the_uninterrupted_weights(data, tmp_path):

@@ -18,6 +18,7 @@ from uotmatch.detection._dense import (
     feature_sizes,
 )
 from uotmatch.detection._matchers import (
+    GroupedMatcher,
     HungarianMatcher,
     SetMatcher,
     SetTargets,
@@ -58,6 +59,7 @@ __all__ = [
     "MATCHERS",
     "SIMOTA_GEOMETRIES",
     "ATSSAssigner",
+    "GroupedMatcher",
     "AssignResult",
     "DenseAssigner",
     "FCOSAssigner",

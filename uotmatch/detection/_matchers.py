@@ -20,7 +20,14 @@ from uotmatch._match import MAX_ITER, TOL
 from uotmatch._result import Matching
 from uotmatch.detection.costs import DETR_FOCAL_EPS, detr_box_costs, detr_class_cost
 
-__all__ = ["HungarianMatcher", "SetMatcher", "SetTargets", "UOTMatcher", "set_matching_cost"]
+__all__ = [
+    "GroupedMatcher",
+    "HungarianMatcher",
+    "SetMatcher",
+    "SetTargets",
+    "UOTMatcher",
+    "set_matching_cost",
+]
 
 Pairs = list[tuple[Tensor, Tensor]]
 #: The padding box of :class:`SetTargets` (a valid normalised cxcywh box; never matched).
@@ -446,3 +453,81 @@ class UOTMatcher(SetMatcher):
             self.max_iter,
             self.tol,
         )
+
+
+class GroupedMatcher(nn.Module):
+    """A set matcher for *group DETR* training (LW-DETR, RF-DETR: ``group_detr`` groups of
+    queries, each matched one-to-one to every target): ``GroupedMatcher(matcher)(outputs,
+    targets, group_detr)`` splits the ``Q`` queries into ``group_detr`` contiguous groups of
+    ``Q / group_detr`` and solves all images' groups as one batch of ``B * group_detr`` items
+    with ``matcher``. Per image, the groups' pairs are concatenated in group order, each group's
+    query indices offset by its start (as the group-DETR codebases' Hungarian matchers return
+    them).
+
+    ``solve(outputs, targets, group_detr)`` gives the :class:`~uotmatch.Matching` of the
+    ``B * group_detr`` items (item ``b * group_detr + k``: image ``b``, group ``k``).
+    """
+
+    def __init__(self, matcher: SetMatcher):
+        super().__init__()
+        if not isinstance(matcher, SetMatcher):
+            raise ValueError(
+                f"matcher must be a uotmatch.detection SetMatcher, got {type(matcher).__name__}"
+            )
+        self.matcher = matcher
+
+    @staticmethod
+    def split(outputs, targets, group_detr: int) -> tuple[dict[str, Tensor], SetTargets]:
+        """The outputs ``[B * g, Q / g, ...]`` and targets (each image's repeated ``g`` times)
+        of the group problems."""
+        group_detr = _checks.integer("group_detr", group_detr, low=1)
+        key = next((k for k in _LOGIT_KEYS if isinstance(outputs, Mapping) and k in outputs), None)
+        if key is None or "pred_boxes" not in outputs:
+            raise ValueError(
+                "outputs must be a dict with 'pred_logits' (or Hugging Face's 'logits') and "
+                "'pred_boxes'"
+            )
+        logits, boxes = outputs[key], outputs["pred_boxes"]
+        B, Q = logits.shape[:2]
+        if Q % group_detr:
+            raise ValueError(
+                f"group_detr must divide the number of queries: {Q} queries, group_detr = "
+                f"{group_detr}"
+            )
+        q = Q // group_detr
+        grouped = {
+            "pred_logits": logits.reshape(B * group_detr, q, *logits.shape[2:]),
+            "pred_boxes": boxes.reshape(B * group_detr, q, *boxes.shape[2:]),
+        }
+        t = SetTargets.coerce(targets, logits.device)
+        if len(t) != B:
+            raise ValueError(f"batch sizes must agree: {B} images of outputs, {len(t)} targets")
+        repeated = SetTargets(
+            t.labels.repeat_interleave(group_detr, 0),
+            t.boxes.repeat_interleave(group_detr, 0),
+            t.mask.repeat_interleave(group_detr, 0),
+        )
+        return grouped, repeated
+
+    @torch.no_grad()
+    def solve(self, outputs, targets, group_detr: int = 1) -> Matching:
+        return self.matcher.solve(*self.split(outputs, targets, group_detr))
+
+    def forward(self, outputs, targets, group_detr: int = 1) -> Pairs:
+        return self.pairs(self.solve(outputs, targets, group_detr), group_detr)
+
+    def pairs(self, m: Matching, group_detr: int) -> Pairs:
+        """Per image, the pairs of its groups' items of ``m`` (:meth:`solve`'s), concatenated
+        in group order with each group's query indices offset by its start."""
+        pairs = m.pairs(self.matcher.decode)
+        q = m.plan.shape[1]
+        out = []
+        for b in range(len(pairs) // group_detr):
+            parts = pairs[b * group_detr : (b + 1) * group_detr]
+            out.append(
+                (
+                    torch.cat([pred + k * q for k, (pred, _) in enumerate(parts)]),
+                    torch.cat([gt for _, gt in parts]),
+                )
+            )
+        return out

@@ -1,4 +1,5 @@
-"""uotmatch's assigners inside Ultralytics YOLO (v8-style detection heads).
+"""uotmatch's assigners inside Ultralytics YOLO (v8-style detection heads), and its set
+matchers inside Ultralytics RT-DETR (:func:`rtdetr_trainer`).
 
     from ultralytics import YOLO
     from uotmatch.detection import OTAAssigner
@@ -25,13 +26,23 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.nn.tasks import DetectionModel
+from ultralytics.nn.modules.head import RTDETRDecoder
+from ultralytics.nn.tasks import yaml_model_load
 from ultralytics.utils.loss import v8DetectionLoss
+from ultralytics.utils.torch_utils import unwrap_model
 
-from uotmatch.detection import DenseAssigner
+from uotmatch.detection import DenseAssigner, SetMatcher, SetTargets
 
-__all__ = ["PROB_CLAMP", "TaskAssigner", "UOTDetectionModel", "grid_strides", "trainer"]
+__all__ = [
+    "PROB_CLAMP",
+    "RTDETRMatcher",
+    "TaskAssigner",
+    "grid_strides",
+    "rtdetr_trainer",
+    "trainer",
+]
 
 #: Probabilities are clamped to ``[PROB_CLAMP, 1 - PROB_CLAMP]`` before ``logit``.
 PROB_CLAMP = 1e-7
@@ -113,28 +124,20 @@ class TaskAssigner(nn.Module):
         return target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx
 
 
-class UOTDetectionModel(DetectionModel):
-    """Ultralytics' ``DetectionModel`` whose loss assigns with ``uotmatch_assigner`` (set by
-    :func:`trainer`); everything else is the stock model (a module-level class, so that the
-    checkpoints Ultralytics pickles load again)."""
-
-    uotmatch_assigner: DenseAssigner | None = None
-
-    def init_criterion(self):
-        criterion = super().init_criterion()
-        if type(criterion) is not v8DetectionLoss:
-            name = type(criterion).__name__
-            raise ValueError(
-                f"trainer(assigner) supports v8-style detection losses, not {name} "
-                "(end-to-end heads such as YOLOv10's match one-to-one on their own)"
-            )
-        criterion.assigner = TaskAssigner(self.uotmatch_assigner, criterion.stride.tolist())
-        return criterion
+def _is_rtdetr(model) -> bool:
+    """Whether an Ultralytics model has RT-DETR's decoder head."""
+    layers = getattr(model, "model", None)
+    return isinstance(layers, nn.Sequential) and isinstance(layers[-1], RTDETRDecoder)
 
 
 def trainer(assigner: DenseAssigner) -> type[DetectionTrainer]:
-    """A ``DetectionTrainer`` subclass whose model assigns with ``assigner``: pass it as
-    ``YOLO("yolov8n.yaml").train(..., trainer=trainer(OTAAssigner()))``."""
+    """A ``DetectionTrainer`` subclass whose model's loss assigns with ``assigner``: pass it as
+    ``YOLO("yolov8n.yaml").train(..., trainer=trainer(OTAAssigner()))``.
+
+    The model stays Ultralytics' own ``DetectionModel``: the trainer sets its loss criterion
+    (``v8DetectionLoss`` with :class:`TaskAssigner`), which Ultralytics strips from every
+    checkpoint, so the weights load and predict in a plain Ultralytics install.
+    """
     if not isinstance(assigner, DenseAssigner):
         raise ValueError(
             f"assigner must be a uotmatch.detection DenseAssigner, got {type(assigner).__name__}"
@@ -143,9 +146,108 @@ def trainer(assigner: DenseAssigner) -> type[DetectionTrainer]:
     class UOTDetectionTrainer(DetectionTrainer):
         def get_model(self, cfg=None, weights=None, verbose=True):
             model = super().get_model(cfg, weights, verbose)
-            model.__class__ = UOTDetectionModel
-            model.uotmatch_assigner = assigner
+            if _is_rtdetr(model):
+                raise ValueError(
+                    "trainer(assigner) is for YOLO detection models; RT-DETR matches queries "
+                    "one-to-one: use rtdetr_trainer(matcher) with a uotmatch set matcher"
+                )
             return model
+
+        def set_model_attributes(self):
+            super().set_model_attributes()
+            model = unwrap_model(self.model)
+            criterion = model.init_criterion()
+            if type(criterion) is not v8DetectionLoss:
+                raise ValueError(
+                    f"trainer(assigner) supports v8-style detection losses, not "
+                    f"{type(criterion).__name__} (end-to-end heads such as YOLOv10's match "
+                    "one-to-one on their own)"
+                )
+            criterion.assigner = TaskAssigner(assigner, criterion.stride.tolist())
+            model.criterion = criterion
 
     UOTDetectionTrainer.__qualname__ = f"UOTDetectionTrainer[{type(assigner).__name__}]"
     return UOTDetectionTrainer
+
+
+class RTDETRMatcher(nn.Module):
+    """A :class:`~uotmatch.detection.SetMatcher` called as Ultralytics' RT-DETR
+    ``HungarianMatcher``: ``(pred_bboxes [b, nq, 4], pred_scores [b, nq, nc] logits,
+    gt_bboxes [n, 4], gt_cls [n], gt_groups)`` (normalised cxcywh; the ground truths of all
+    images concatenated, ``gt_groups`` of them per image) -> per image ``(query indices,
+    indices into the concatenated ground truths)``.
+
+    ``calls`` counts the matchings made and ``unconverged`` the images among them whose solve
+    missed ``tol``.
+    """
+
+    def __init__(self, matcher: SetMatcher):
+        super().__init__()
+        if not isinstance(matcher, SetMatcher):
+            raise ValueError(
+                f"matcher must be a uotmatch.detection SetMatcher, got {type(matcher).__name__}"
+            )
+        self.matcher = matcher
+        self.calls = self.unconverged = 0
+
+    @torch.no_grad()
+    def forward(self, pred_bboxes, pred_scores, gt_bboxes, gt_cls, gt_groups):
+        self.calls += 1
+        b, nq = pred_scores.shape[:2]
+        sizes = [int(n) for n in gt_groups]
+        if sum(sizes) == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return [(empty, empty) for _ in range(b)]
+        G, device = max(sizes), pred_scores.device
+        labels = torch.zeros(b, G, dtype=torch.long, device=device)
+        boxes = pred_bboxes.new_tensor([0.5, 0.5, 1.0, 1.0]).repeat(b, G, 1)
+        mask = torch.zeros(b, G, dtype=torch.bool, device=device)
+        for i, (cls, box) in enumerate(
+            zip(gt_cls.split(sizes), gt_bboxes.split(sizes), strict=True)
+        ):
+            labels[i, : len(cls)], boxes[i, : len(cls)], mask[i, : len(cls)] = cls, box, True
+        outputs = {"pred_logits": pred_scores.detach(), "pred_boxes": pred_bboxes.detach()}
+        m = self.matcher.solve(outputs, SetTargets(labels, boxes.float(), mask))
+        self.unconverged += int((~m.converged).sum())
+        offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        return [(p, g + offsets[i]) for i, (p, g) in enumerate(m.pairs(self.matcher.decode))]
+
+
+def rtdetr_trainer(matcher: SetMatcher) -> type[RTDETRTrainer]:
+    """An ``RTDETRTrainer`` subclass whose loss matches with ``matcher``: pass it as
+    ``RTDETR("rtdetr-l.yaml").train(..., trainer=rtdetr_trainer(UOTMatcher(focal=True)))``.
+
+    What changes: the matcher of Ultralytics' ``RTDETRDetectionLoss`` (its ``HungarianMatcher``
+    with class / bbox / GIoU gains 2 / 5 / 2 and the focal class cost: ``HungarianMatcher(
+    cost_class=2, cost_bbox=5, cost_giou=2, focal=True)`` reproduces it). What stays: the
+    model, its varifocal and box losses (divided by the number of matched pairs, which the
+    default ``decode="hungarian"`` keeps equal to the number of targets), the denoising
+    queries, validation and checkpoints, which Ultralytics saves without the loss criterion:
+    they load in a plain Ultralytics install.
+    """
+    if not isinstance(matcher, SetMatcher):
+        raise ValueError(
+            f"matcher must be a uotmatch.detection SetMatcher, got {type(matcher).__name__}"
+        )
+
+    class UOTRTDETRTrainer(RTDETRTrainer):
+        def get_model(self, cfg=None, weights=None, verbose=True):
+            yaml = yaml_model_load(cfg) if isinstance(cfg, str) else cfg
+            head = yaml.get("head", []) if isinstance(yaml, dict) else []
+            names = {str(part) for layer in head if isinstance(layer, list) for part in layer}
+            if (head and "RTDETRDecoder" not in names) or (weights and not _is_rtdetr(weights)):
+                raise ValueError(
+                    "rtdetr_trainer(matcher) is for RT-DETR models; a YOLO model takes "
+                    "trainer(assigner) with a uotmatch dense assigner"
+                )
+            return super().get_model(cfg, weights, verbose)
+
+        def set_model_attributes(self):
+            super().set_model_attributes()
+            model = unwrap_model(self.model)
+            criterion = model.init_criterion()
+            criterion.matcher = RTDETRMatcher(matcher)
+            model.criterion = criterion
+
+    UOTRTDETRTrainer.__qualname__ = f"UOTRTDETRTrainer[{type(matcher).__name__}]"
+    return UOTRTDETRTrainer
