@@ -4,7 +4,8 @@
 #   clean` (or a new DEMO_OUT) starts over. The README has the measured times.
 # make figure1: the UOT paper's Figure 1 regimes, printed.
 # make docs: the sphinx site, tutorials executed, warnings as errors (docs/_build/html), then
-#   docs/check_build.py (math offline, no code line wider than the page, readable figures).
+#   docs/check_build.py (math offline, no code line wider than the page, readable figures; in
+#   headless Chromium, installed by scripts/chromium.sh where it can be, no code block scrolls).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -37,7 +38,7 @@ figure1: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
-	$(PY) docs/check_build.py docs/_build/html
+	$(PY) docs/check_build.py docs/_build/html $$(scripts/chromium.sh || echo --no-browser)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solver.py

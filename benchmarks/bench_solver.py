@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -151,6 +152,26 @@ def _best_time(fn, repeats: int, timer=None) -> tuple[float, object]:
     return min(times), out
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The process's stdout and stderr (file descriptors 1 and 2) sent to /dev/null: the torch
+    profiler's C++ side (Kineto) logs ``profiler_start`` lines and, on a machine without a GPU,
+    ``gpuGetDeviceCount failed``, which are noise in a benchmark's output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def peak_memory(fn, inputs=()) -> int:
     """The most memory (bytes) ``fn()`` holds at once beyond what was allocated before it, on
     the device of the first of ``inputs``. CUDA: ``torch.cuda.max_memory_allocated``. CPU: the
@@ -176,7 +197,7 @@ def peak_memory(fn, inputs=()) -> int:
         numpy_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    with profile(
+    with _quiet(), profile(
         activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
     ) as prof:
         fn()

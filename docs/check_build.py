@@ -8,16 +8,25 @@ and at the page's width sees.
   fields as parameters (``Matching`` is built by ``match()``, not by users).
 * Tutorial figures are readable at the page's width: none is wider than ``MAX_FIGURE_PX``
   pixels (the page shows about 660; a wider figure is shrunk, its text with it).
+* In a real browser (headless Chromium, a ``BROWSER_WINDOW`` window) no code block of any
+  page with long code lines scrolls sideways (its ``scrollWidth`` fits its ``clientWidth``),
+  and a screenshot of the page with the widest code is kept in ``_check/widest-code.png``.
+  Without Chromium (Debian: ``apt-get install chromium``) that is a problem, unless
+  ``--no-browser``.
 
-    python docs/check_build.py docs/_build/html
+    python docs/check_build.py docs/_build/html [--no-browser]
 """
 
 from __future__ import annotations
 
 import html
+import json
 import re
+import shutil
 import struct
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 #: Characters of a code line the page shows without scrolling (the project's line length; the
@@ -25,6 +34,22 @@ from pathlib import Path
 MAX_CODE = 100
 #: Widest tutorial figure, in pixels (the page shows about 900: none shrunk much).
 MAX_FIGURE_PX = 1000
+#: The browser window the pages are checked in (a common laptop width).
+BROWSER_WINDOW = (1280, 900)
+#: Pages with a code line at least this long are loaded in the browser.
+BROWSER_FROM = 80
+
+#: Appended to a copy of a page: on load, the code blocks that scroll sideways, as JSON.
+_PROBE = """<script>
+window.addEventListener("load", () => {
+  const blocks = Array.from(document.querySelectorAll("pre"));
+  const over = blocks.filter(p => p.scrollWidth > p.clientWidth + 1)
+    .map(p => [p.scrollWidth, p.clientWidth, p.textContent.split("\\n")[0].slice(0, 40)]);
+  const el = document.createElement("div");
+  el.textContent = "UOTMATCH" + "-PROBE" + JSON.stringify(over) + "END" + "-PROBE";
+  document.body.appendChild(el);
+});
+</script>"""
 
 
 def png_width(path: Path) -> int:
@@ -65,10 +90,82 @@ def check(site: Path) -> list[str]:
     return problems
 
 
+def _longest_code_line(text: str) -> int:
+    blocks = re.findall(r"<pre>(.*?)</pre>", text, flags=re.S)
+    lines = [
+        line
+        for block in blocks
+        for line in html.unescape(re.sub(r"<[^>]+>", "", block)).splitlines()
+    ]
+    return max((len(line) for line in lines), default=0)
+
+
+def browser(site: Path) -> list[str]:
+    """The pages with long code lines, in headless Chromium at ``BROWSER_WINDOW``."""
+    exe = next(
+        (
+            shutil.which(n)
+            for n in ("chromium", "chromium-browser", "google-chrome")
+            if shutil.which(n)
+        ),
+        None,
+    )
+    if exe is None:
+        return [
+            "no headless Chromium to check the pages in a browser (Debian: apt-get install "
+            "chromium), or pass --no-browser"
+        ]
+    width, height = BROWSER_WINDOW
+    flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={width},{height}"]
+    problems, widest = [], (0, None)
+    for page in sorted(site.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        longest = _longest_code_line(text)
+        widest = max(widest, (longest, page), key=lambda x: x[0])
+        if longest < BROWSER_FROM:
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".html", dir=page.parent, delete=False) as fh:
+            fh.write(text + _PROBE)
+        try:
+            done = subprocess.run(
+                [*flags, "--virtual-time-budget=5000", "--dump-dom", Path(fh.name).as_uri()],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            Path(fh.name).unlink()
+        found = re.search(r"UOTMATCH-PROBE(.*?)END-PROBE", html.unescape(done.stdout))
+        rel = page.relative_to(site)
+        if found is None:
+            problems.append(f"{rel}: Chromium did not load the page ({done.stderr[-200:]!r})")
+            continue
+        for scroll, client, first in json.loads(found.group(1)):
+            problems.append(
+                f"{rel}: a code block scrolls sideways at a {width} px window ({scroll} px of "
+                f"code in {client} px; it starts {first!r})"
+            )
+    if widest[1] is not None:
+        shot = site / "_check" / "widest-code.png"
+        shot.parent.mkdir(exist_ok=True)
+        subprocess.run(
+            [*flags, f"--screenshot={shot}", widest[1].as_uri()],
+            capture_output=True,
+            timeout=120,
+        )
+        if not shot.exists() or shot.stat().st_size == 0:
+            problems.append(f"no screenshot of {widest[1].relative_to(site)} was taken")
+    return problems
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    site = Path(argv[0] if argv else "docs/_build/html")
+    use_browser = "--no-browser" not in argv
+    argv = [a for a in argv if a != "--no-browser"]
+    site = Path(argv[0] if argv else "docs/_build/html").resolve()
     problems = check(site)
+    if use_browser and not problems:
+        problems += browser(site)
     for p in problems:
         print(f"docs check: {p}", file=sys.stderr)
     print(f"docs check: {len(problems)} problem(s) in {site}")

@@ -71,6 +71,8 @@ html_title = f"uotmatch {release}"
 html_theme_options = {
     "description": "Label assignment as unbalanced optimal transport",
     "page_width": "1200px",  # with custom.css: 100-character code lines fit, no scroll bar
+    "body_max_width": "none",  # alabaster's default 800 px would clip them at a 1280 px window
 }
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
+viewcode_follow_imported_members = False  # source pages of uotmatch only (not torch, functools)

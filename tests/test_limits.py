@@ -183,3 +183,4 @@ def test_figure1_demo_prints_every_regime(capsys):
     for panel in "cdefgh":
         assert f"({panel})" in out
     assert "hard matches: 1->A, 4->A, 5->B" in out
+    assert "``" not in out and "background cost 0.8" in out  # plain text, no RST markup

@@ -95,3 +95,65 @@ def test_numpy_mask_and_lists_accepted():
         background_cost=[0.5] * 4,
     )
     assert np.all(m.plan[:, 1] == 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(eps=0.1), dict(eps=0.1, background_cost=0.5), dict(eps=0.1, tau1=1.0, tau2=1.0)],
+)
+def test_an_empty_batch_gives_an_empty_answer(kwargs):
+    """B = 0 (a batch with no images) is an empty Matching, as eps = 0 and the assigners give."""
+    m = uotmatch.match(torch.rand(0, 5, 3), **kwargs)
+    N = 3 + int("background_cost" in kwargs)
+    assert m.plan.shape == (0, 5, N) and m.converged.shape == (0,) and m.status == []
+    assert m.pairs() == [] and m.assignment().shape == (0, 5)
+
+
+def test_empty_batches_in_the_matchers():
+    from uotmatch.detection import HungarianMatcher, UOTMatcher
+
+    outputs = {"pred_logits": torch.zeros(0, 4, 3), "pred_boxes": torch.rand(0, 4, 4)}
+    for matcher in (UOTMatcher(), HungarianMatcher(), UOTMatcher(tau1=1.0, tau2=1.0)):
+        assert matcher(outputs, []) == []
+
+
+def test_zero_d_tensors_are_scalars():
+    """eps, the taus and background_cost as 0-d tensors (or numpy scalars): the same answer as
+    the Python numbers; a one-element 1-d eps is still refused."""
+    cost = torch.rand(8, 5, 3)
+    want = uotmatch.match(cost, 0.1, 2.0, 1.0, background_cost=0.5).plan
+    got = uotmatch.match(
+        cost,
+        torch.tensor(0.1),
+        np.float64(2.0),
+        torch.tensor(1.0),
+        background_cost=torch.tensor(0.5),
+    ).plan
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="eps must be a real number"):
+        uotmatch.match(cost, torch.tensor([0.1]))
+
+
+def test_an_infinite_background_is_named():
+    with pytest.raises(ValueError, match="background_cost: item 0's background column has mass"):
+        uotmatch.match(torch.rand(8, 5, 3), 0.1, background_cost=math.inf)
+
+
+def test_unresolved_eps_is_explained_even_when_the_marginals_are_met():
+    cost = torch.rand(4, 5, 3)
+    with pytest.warns(RuntimeWarning, match="meet the marginals to tol but are not called conv"):
+        m = uotmatch.match(cost, 1e-13, background_cost=0.5)
+    assert m.status == ["precision"] * 4 and not m.converged.any()
+    assert float(m.marginal_error.max()) <= 1e-5  # met, and said so
+
+
+def test_zero_padded_boxes_need_a_mask():
+    """Without gt_mask an all-zero box (padding) would be a class-0 ground truth: refused."""
+    from tests.detection.scenes import as_inputs, scene
+    from uotmatch.detection import OTAAssigner
+
+    inputs = as_inputs(*scene(0, B=2, G=3))
+    inputs["gt_boxes"][1, 2] = 0.0
+    del inputs["gt_mask"]
+    with pytest.raises(ValueError, match=r"image 1, ground truth 2 is all zeros \(padding\?\)"):
+        OTAAssigner()(**inputs)

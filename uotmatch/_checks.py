@@ -24,6 +24,7 @@ def real(
     with ``allow_inf``, ``None`` only with ``allow_none``."""
     if x is None and allow_none:
         return None
+    x = _scalar(x)
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {x!r}")
     x = float(x)
@@ -38,6 +39,16 @@ def real(
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {x:g}")
     if high is not None and x > high:
         raise ValueError(f"{name} must be <= {high:g}, got {x:g}")
+    return x
+
+
+def _scalar(x: Any) -> Any:
+    """A 0-d (or one-element numpy scalar) real tensor or array as its Python number; anything
+    else unchanged (and judged by the caller)."""
+    if type(x).__module__.startswith(("torch", "numpy")) and getattr(x, "ndim", None) == 0:
+        dtype = str(getattr(x, "dtype", ""))
+        if not any(k in dtype for k in ("bool", "complex")):
+            return x.item()
     return x
 
 

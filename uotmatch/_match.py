@@ -367,6 +367,16 @@ def _wrap(p: Problem, s: _Solution) -> Matching:
             f"{k}: {STATUSES[k]}" + (f". {_slow_cause(p)}" if k == "max_iter" else "")
             for k in failed
         ]
+        met = [
+            str(i)
+            for i, (k, e) in enumerate(zip(status, s.error.tolist(), strict=True))
+            if k == "precision" and e <= p.tol
+        ]
+        if met:  # marginals met, and yet not converged: say why, with the items
+            texts.append(
+                f"items {', '.join(met[:8])}{', ...' if len(met) > 8 else ''} meet the "
+                "marginals to tol but are not called converged: their eps is not resolved"
+            )
         warnings.warn(
             "uotmatch.match: some items did not converge (Matching.status and marginal_error "
             "say which and by how much): " + "; ".join(texts),

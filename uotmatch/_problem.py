@@ -266,6 +266,13 @@ class Problem:
         stuck = (self.col_mass > 0) & self.col_real & (col_min == INF)
         if bool(stuck.any()):
             item, col = (int(i) for i in torch.nonzero(stuck)[0])
+            if self.has_background and col == stuck.shape[1] - 1:
+                raise ValueError(
+                    f"background_cost: item {item}'s background column has mass (the "
+                    "predictions the ground truths cannot take) but every prediction's "
+                    "background cost is +inf, which tau2 = inf cannot allow; give the "
+                    "background a finite cost, or use a finite tau2"
+                )
             raise ValueError(
                 f"cost: item {item}, column {col} has mass but no finite-cost prediction that may "
                 "send mass (only +inf, forbidden, predictions of zero mass, or none), which "
@@ -342,6 +349,7 @@ def _gt_mask(mask: Any, B: int, N: int, batched: bool, device: torch.device) -> 
 
 
 def _background(x: Any, B: int, M: int, batched: bool, C: Tensor) -> Tensor:
+    x = _checks._scalar(x)  # a 0-d tensor or array is a scalar cost
     if isinstance(x, numbers.Real) and not isinstance(x, bool):
         t = C.new_full((B, M), float(x))
     else:

@@ -18,8 +18,10 @@ STATUSES = {
     "converged": "the marginal error reached tol",
     "max_iter": "max_iter iterations ran out before the marginal error reached tol",
     "precision": "eps is below what the dtype resolves at these costs (or taus this large put "
-    "the potentials beyond it): the iterations cannot reach tol (scale the costs down, raise "
-    "eps, or use smaller or infinite taus)",
+    "the potentials beyond it): the plan is the dtype's rounding of the eps-optimal one, not "
+    "that plan to tol, even where its marginal_error is small (the last exact update meets the "
+    "marginals; optimality at this eps is what cannot be resolved). Scale the costs down, raise "
+    "eps, or use smaller or infinite taus",
 }
 
 #: An array in the caller's container: a torch tensor, a numpy array or nested lists.

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["parse_config"]
+__all__ = ["OneLineParser", "parse_config"]
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 
@@ -106,11 +107,28 @@ def _default_text(f: dataclasses.Field) -> str:
     return str(d)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: PROG: message (see --help)`` and exit status 2,
+    without the usage block (it is what ``--help`` is for)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {self.prog}: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _yaml_error(exc: Exception) -> str:
+    """A YAML error on one line: what, and where (line, column)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"not valid YAML ({problem}{where})"
+
+
 def parse_config(cls, argv=None, description: str = "", prog: str | None = None):
     """Build ``cls`` (a dataclass) from ``--config file.yaml`` and the command line; the command
     line wins. Field ``foo_bar`` is ``--foo-bar``; bools are ``--foo`` / ``--no-foo``. ``prog``
     names the command in usage lines (e.g. ``python -m detectors.fcos.train``)."""
-    p = argparse.ArgumentParser(description=description, prog=prog)
+    p = OneLineParser(description=description, prog=prog)
     p.add_argument("--config", type=Path, help="YAML file of defaults (keys as field names)")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for f in fields.values():
@@ -135,8 +153,10 @@ def parse_config(cls, argv=None, description: str = "", prog: str | None = None)
 
             try:
                 loaded = yaml.safe_load(args.config.read_text()) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                p.error(f"--config {args.config}: {exc}")
+            except OSError as exc:
+                p.error(f"--config {args.config}: {exc.strerror or exc}")
+            except yaml.YAMLError as exc:
+                p.error(f"--config {args.config}: {_yaml_error(exc)}")
             if not isinstance(loaded, dict):
                 p.error(f"--config {args.config}: expected a mapping of field names to values")
             unknown = sorted(set(loaded) - set(fields))

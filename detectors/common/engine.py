@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 
@@ -38,9 +39,7 @@ def _batches(iterable):
         except ValueError as exc:  # CocoDetection's "cannot read image PATH (image ID): ..."
             lines = [line for line in str(exc).strip().splitlines() if line.strip()]
             message = lines[-1].removeprefix("ValueError: ") if lines else repr(exc)
-            raise UsageError(
-                f"{message}; fix or remove that file, then continue with --resume"
-            ) from None
+            raise UsageError(f"{message}; fix or remove that file") from None
         yield batch
 
 
@@ -69,7 +68,7 @@ def train_one_epoch(
     sums: dict[str, float] = {}
     iterator = _batches(loader)
     bar = None
-    if progress and is_main():
+    if progress and is_main() and sys.stderr.isatty():  # a log file gets the epoch lines only
         from tqdm import tqdm
 
         desc = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
@@ -85,9 +84,8 @@ def train_one_epoch(
         if not math.isfinite(value):
             terms = {k: float(v.detach()) for k, v in losses.items() if k.startswith("loss")}
             raise NonFiniteLossError(
-                f"epoch {epoch + 1}, iteration {i}: the loss is {value} ({terms}); training stops "
-                "here and the last checkpoint holds the last good state (try a lower --lr, "
-                "or --clip-grad)"
+                f"epoch {epoch + 1}, iteration {i}: the loss is {value} ({terms}); training "
+                "stops here (try a lower --lr, or --clip-grad)"
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -117,13 +115,15 @@ def evaluate(
     device: torch.device,
     progress: bool = True,
     inputs: Callable = images_only,
+    keep: list | None = None,
 ) -> dict[str, float] | None:
     """COCO metrics of ``detect(outputs) -> [{"boxes", "scores", "labels"}]`` over ``loader``
-    (detections of every rank gathered); None on ranks other than 0."""
+    (detections of every rank gathered); None on ranks other than 0. ``keep``: a list that
+    receives the COCO-format detections too (rank 0)."""
     model.eval()
     detections = []
     iterator = loader
-    if progress and is_main():
+    if progress and is_main() and sys.stderr.isatty():
         from tqdm import tqdm
 
         iterator = tqdm(loader, desc="evaluate", unit="it", dynamic_ncols=True, leave=False)
@@ -146,4 +146,6 @@ def evaluate(
     gathered = [d for part in all_gather_objects(detections) for d in part]
     if not is_main():
         return None
+    if keep is not None:
+        keep.extend(gathered)
     return coco_evaluate(dataset.ann_file, gathered, image_ids=dataset.ids)

@@ -13,14 +13,17 @@ one line (:class:`UsageError`, exit status 2); a genuine bug keeps its traceback
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import re
 import shutil
 import sys
+import tempfile
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ from detectors.common.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from detectors.common.config import OneLineParser
 from detectors.common.data import CocoDetection, collate, default_transforms, images_only
 from detectors.common.dist import barrier, init_distributed, is_main, rank, world_size
 from detectors.common.engine import evaluate, train_one_epoch
@@ -85,9 +89,22 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
     overwrite: bool = field(
-        default=False, metadata={"help": "replace the run in --out (its checkpoint and log)"}
+        default=False,
+        metadata={
+            "help": "replace the run in --out (its checkpoint and log), once this run has "
+            "checked its inputs and written its first checkpoint"
+        },
     )
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    accept_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "with --resume: continue with settings that differ from the run's (each "
+            "change is recorded in metrics.jsonl)"
+        },
+    )
+    progress: bool = field(
+        default=True, metadata={"help": "a live progress bar (on a terminal only)"}
+    )
 
     def __post_init__(self):
         if not self.data:
@@ -116,7 +133,30 @@ class TrainConfig:
     @classmethod
     def upgrade(cls, stored: dict) -> dict:
         """A checkpoint's stored config as this version's fields (subclasses map renamed ones)."""
-        return dict(stored)
+        return {"overwrite": False, "accept_changes": False, **stored}
+
+    def recorded(self) -> dict:
+        """What every line of ``metrics.jsonl`` records of the run's settings (subclasses: the
+        assigner or matcher and its options)."""
+        return {}
+
+
+#: Settings a resumed run may change freely (where the data and output live, how long, how
+#: often to evaluate, how to run); any other change is refused unless ``--accept-changes``.
+RESUME_FREE = frozenset(
+    {
+        "data",
+        "out",
+        "epochs",
+        "eval_every",
+        "workers",
+        "device",
+        "resume",
+        "overwrite",
+        "accept_changes",
+        "progress",
+    }
+)
 
 
 def setup(cfg: TrainConfig) -> tuple[torch.device, bool]:
@@ -141,9 +181,10 @@ def setup(cfg: TrainConfig) -> tuple[torch.device, bool]:
 
 
 def prepare_out(cfg: TrainConfig) -> Path:
-    """Check (and create) ``--out`` before any work: a path under a file, an unwritable
+    """Check ``--out`` before any work, without touching it: a path under a file, an unwritable
     directory, or one that already holds a run without ``--resume``/``--overwrite`` is a
-    :class:`UsageError` naming it. ``--overwrite`` removes the previous run's files only."""
+    :class:`UsageError` naming it. Nothing is created or removed here: the directory is created
+    with the first checkpoint, and ``--overwrite`` replaces the previous run only then."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory: choose another --out")
@@ -153,20 +194,21 @@ def prepare_out(cfg: TrainConfig) -> Path:
             f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, "
             "replace it with --overwrite, or choose another --out"
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-check"
-        probe.write_bytes(b"")
-        probe.unlink()
+    existing = out
+    while not existing.exists():  # the nearest directory that exists: where out will be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(
+            f"--out {out}: {existing} is a file, not a directory: choose another --out"
+        )
+    try:  # a probe that leaves nothing behind (os.access says yes to root even on /proc)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
     except OSError as exc:
         raise UsageError(
-            f"--out {out} is not writable ({exc.strerror or exc}): choose a directory you can "
-            "write to"
+            f"--out {out} is not writable ({existing}: {exc.strerror or exc}): choose a "
+            "directory you can write to"
         ) from None
-    if cfg.overwrite:
-        for name in held:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return out
 
 
@@ -213,30 +255,93 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def _log(out: Path, record: dict, writer) -> None:
-    with open(out / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for key, v in record.items():
-            if isinstance(v, (int, float)) and key != "epoch":
-                writer.add_scalar(key, v, record["epoch"])
+class _Log:
+    """``OUT/metrics.jsonl`` (one JSON line per epoch, each naming its run) and TensorBoard
+    (when installed), opened with the run's first checkpoint. A run that replaces another
+    (``--overwrite``) replaces the previous log at its first line, atomically, and removes the
+    previous TensorBoard events then: until that point the previous run is whole."""
+
+    def __init__(self, out: Path, run: str, replacing: bool):
+        self.out, self.run, self.replacing = out, run, replacing
+        self.writer = None
+        self.opened = False
+
+    def write(self, record: dict) -> None:
+        path = self.out / "metrics.jsonl"
+        line = json.dumps(_json_safe({"run": self.run, **record}), allow_nan=False) + "\n"
+        if self.replacing:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(line)
+            os.replace(tmp, path)
+            board = self.out / "tensorboard"
+            if board.exists():
+                shutil.rmtree(board)
+            self.replacing = False
+        else:
+            with open(path, "a") as fh:
+                fh.write(line)
+        if not self.opened:
+            self.opened = True
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(self.out / "tensorboard")
+            except ImportError:
+                pass
+        if self.writer is not None:
+            for key, v in record.items():
+                if isinstance(v, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key, v, record["epoch"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
-def _read_log(out: Path, upto: int) -> list[dict]:
-    """The log's records of epochs ``<= upto`` (a record written after the last checkpoint, by
-    a run killed in between, is dropped: the log and the checkpoint stay one run)."""
+def _json_safe(x):
+    """``x`` with non-finite floats as strings (``"inf"``): metrics.jsonl is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+def _read_log(out: Path, upto: int, run: str) -> list[dict]:
+    """The log's records of the checkpoint's run (``run``; records written before runs had ids
+    count as its own) and of epochs ``<= upto`` (a record written after the last checkpoint, by a
+    run killed in between, is dropped: the log and the checkpoint stay one run)."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r.get("epoch", 0) <= upto]
+    kept = [r for r in records if r.get("epoch", 0) <= upto and r.get("run", run) == run]
     if len(kept) != len(records):
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 
-def _resume(ckpt: Path, model, optimizer, scheduler, scaler) -> dict:
-    """Load the run's state; a damaged checkpoint, or one of another model, is a UsageError."""
+def _changes(cfg: TrainConfig, stored: dict) -> dict:
+    """``{field: [the run's value, this command's]}`` for the settings that differ, except
+    :data:`RESUME_FREE`."""
+    now = dataclasses.asdict(cfg)
+    stored = type(cfg).upgrade(stored)
+    return {
+        k: [stored.get(k), v]
+        for k, v in now.items()
+        if k not in RESUME_FREE and k in stored and stored[k] != v
+    }
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resume(cfg: TrainConfig, ckpt: Path, model, optimizer, scheduler, scaler) -> dict:
+    """Load the run's state; a damaged checkpoint, one of another model, or one trained with
+    other settings (unless ``--accept-changes``) is a UsageError."""
     try:
         state = load_checkpoint(ckpt)
     except ValueError as exc:
@@ -246,6 +351,15 @@ def _resume(ckpt: Path, model, optimizer, scheduler, scaler) -> dict:
     missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "rng"} - set(state)
     if missing:
         raise UsageError(f"--resume: {ckpt} is not a training checkpoint (no {sorted(missing)})")
+    changes = _changes(cfg, state.get("config", {}))
+    if changes and not cfg.accept_changes:
+        said = ", ".join(f"{_flag(k)} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise UsageError(
+            f"--resume: the run in {ckpt.parent} was trained with other settings ({said}): "
+            "resume with the run's settings, or add --accept-changes to continue with these "
+            "(recorded in metrics.jsonl)"
+        )
+    state["changes"] = changes
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -299,15 +413,23 @@ def fit(
     total = cfg.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(len(loader), total))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-    start = 0
+    start, run, changes = 0, uuid.uuid4().hex[:12], {}
     ckpt = out / "last.pth"
+    replacing = cfg.overwrite and any((out / name).exists() for name in RUN_FILES)
     if cfg.resume and ckpt.exists():
-        start = _resume(ckpt, model, optimizer, scheduler, scaler)["epoch"]
+        state = _resume(cfg, ckpt, model, optimizer, scheduler, scaler)
+        start, run, changes = state["epoch"], state.get("run", run), state["changes"]
         if is_main():
             print(f"resumed from {ckpt} at epoch {start} of {cfg.epochs}")
+            if changes:
+                said = ", ".join(f"{_flag(k)} {o!r} -> {n!r}" for k, (o, n) in changes.items())
+                print(f"--accept-changes: continuing with {said} (recorded in metrics.jsonl)")
     elif cfg.resume and is_main():
         print(f"--resume: no {ckpt} yet, starting from scratch")
-    records = _read_log(out, start) if is_main() else []
+        replacing = any((out / name).exists() for name in RUN_FILES)  # a log without checkpoint
+    # A resumed run's log, trimmed to its checkpoint; a new run leaves any old log alone (an
+    # --overwrite replaces it at the first checkpoint).
+    records = _read_log(out, start, run) if is_main() and start else []
     if start >= cfg.epochs:  # nothing left to do: report the finished run
         metrics = next((r for r in reversed(records) if "AP" in r), {})
         metrics = {k: v for k, v in metrics.items() if k in _METRIC_KEYS}
@@ -319,19 +441,14 @@ def fit(
                 print("\n" + format_table(metrics, title))
         return metrics
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
-    writer = None
-    if is_main():
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(out / "tensorboard")
-        except ImportError:
-            pass
+    log = _Log(out, run, replacing) if is_main() else None
     metrics = {}
-    epoch = start
+    epoch, finished = start, start
+    began = time.perf_counter()
     try:
         for epoch in range(start, cfg.epochs):
             sampler.set_epoch(epoch)
+            tick = time.perf_counter()
             stats = train_one_epoch(
                 net,
                 criterion,
@@ -347,6 +464,7 @@ def fit(
                 epochs=cfg.epochs,
             )
             if is_main():
+                out.mkdir(parents=True, exist_ok=True)
                 save_checkpoint(
                     ckpt,
                     {
@@ -358,37 +476,69 @@ def fit(
                         "rng": get_rng_state(),
                         "config": dataclasses.asdict(cfg),
                         "num_classes": train_set.num_classes,
+                        "run": run,
                     },
                 )
+            finished = epoch + 1
             last = epoch + 1 == cfg.epochs
-            record = {"epoch": epoch + 1, **stats}
+            record = {"epoch": epoch + 1, **stats, **cfg.recorded()}
+            if changes:  # the settings --accept-changes let differ, from this epoch on
+                record["changed"], changes = changes, {}
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
                 metrics = evaluate(
                     model, model.detect, val_loader, val_set, device, cfg.progress, inputs
                 )
                 if is_main():
                     record.update(metrics)
-                    print(
-                        f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}, "
-                        f"AP {100 * metrics['AP']:.1f}"
-                    )
             if is_main():
-                _log(out, record, writer)
+                log.write(record)
+                done = time.perf_counter() - began
+                eta = done / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
+                ap = f", AP {100 * metrics['AP']:.1f}" if "AP" in record else ""
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}, lr "
+                    f"{optimizer.param_groups[0]['lr']:.2e}, {time.perf_counter() - tick:.0f} s "
+                    f"({stats['it_per_s']:.2f} it/s){ap}, ETA {_duration(eta)}",
+                    flush=True,
+                )
             barrier()
     except KeyboardInterrupt:
         if is_main():
-            print(
-                f"\ninterrupted in epoch {epoch + 1}/{cfg.epochs}: {ckpt} holds the last finished "
-                f"epoch ({epoch}); continue with the same command and --resume",
-                file=sys.stderr,
-            )
+            then = _next_step(cfg, finished, replacing and finished == start)
+            print(f"\ninterrupted in epoch {epoch + 1}/{cfg.epochs}: {then}", file=sys.stderr)
         raise SystemExit(130) from None
+    except UsageError as exc:  # a bad file met in training, a non-finite loss
+        raise UsageError(
+            f"{exc}; {_next_step(cfg, finished, replacing and finished == start)}"
+        ) from None
     finally:
-        if writer is not None:
-            writer.close()
+        if log is not None:
+            log.close()
     if is_main():
         print("\n" + format_table(metrics, title))
     return metrics
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
+
+
+def _next_step(cfg: TrainConfig, finished: int, untouched: bool) -> str:
+    """What to do after a run stopped with ``finished`` epochs in its checkpoint."""
+    if finished:
+        return (
+            f"{Path(cfg.out) / 'last.pth'} holds epoch {finished}: continue with the same "
+            "command and --resume"
+        )
+    if untouched:
+        return (
+            f"no epoch finished, and the previous run in {cfg.out} is untouched (--overwrite "
+            "replaces it only at this run's first checkpoint): run the same command again"
+        )
+    return "no epoch finished (no checkpoint to resume from): run the same command again"
 
 
 _METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
@@ -406,7 +556,7 @@ def evaluate_checkpoint(
 ) -> dict:
     """The ``evaluate`` CLI of a detector: ``--checkpoint FILE --data DIR [--split val]``;
     ``title(config)`` heads the printed table."""
-    p = argparse.ArgumentParser(description=doc, prog=prog or None)
+    p = OneLineParser(description=doc, prog=prog or None)
     p.add_argument("--checkpoint", required=True, type=Path, help="a training run's last.pth")
     p.add_argument("--data", required=True, type=Path, help="COCO-format dataset directory")
     p.add_argument(

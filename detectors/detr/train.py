@@ -185,12 +185,23 @@ class DETRConfig(TrainConfig):
         }
         build_matcher(self.matcher, **self.matcher_options)  # every value checked now
 
+    def recorded(self) -> dict:
+        options = {k: v for k, v in self.matcher_options.items() if not k.startswith("cost_")}
+        return {
+            "matcher": self.matcher,
+            "matcher_options": options,
+            "loss_weighting": self.loss_weighting,
+        }
+
     @classmethod
     def upgrade(cls, stored: dict) -> dict:
         """A config stored by an older version: it always stored the UOT matcher's options
         (kept only for ``--matcher uot``), and ``lr_drop`` 0 meant "2/3 of the epochs"."""
         stored = dict(stored)
         stored.setdefault("overwrite", False)
+        stored.setdefault("accept_changes", False)
+        for name in MATCHER_FIELDS:
+            stored.setdefault(name, None)
         if stored.get("lr_drop") == 0:
             stored["lr_drop"] = None
         if stored.get("matcher") != "uot":

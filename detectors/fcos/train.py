@@ -135,6 +135,9 @@ class FCOSConfig(TrainConfig):
         self.assigner_options = given
         build_assigner(self.assigner, **given)  # every value checked now, not at the first step
 
+    def recorded(self) -> dict:
+        return {"assigner": self.assigner, "assigner_options": self.assigner_options}
+
     #: Fields of checkpoints written before the one detection API: old name -> new name.
     LEGACY_FIELDS: ClassVar[dict] = {"q": "candidate_topk"}
 
@@ -148,6 +151,7 @@ class FCOSConfig(TrainConfig):
             if stored.get(name) == 0:
                 stored[name] = None
         stored.setdefault("overwrite", False)
+        stored.setdefault("accept_changes", False)
         for name in ASSIGNER_FIELDS:
             stored.setdefault(name, None)
         takes = options_of(ASSIGNERS.get(stored.get("assigner"), object))

@@ -116,6 +116,16 @@ def test_bad_input():
         UOTMatcher()(outputs, bad)
     with pytest.raises(ValueError, match="cannot all be 0"):
         HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0)
+    bad = [dict(t) for t in targets]  # a negative width, as the dense assigners refuse
+    bad[2]["boxes"] = bad[2]["boxes"].clone()
+    bad[2]["boxes"][0, 2] = -0.1
+    for matcher in (HungarianMatcher(), UOTMatcher()):
+        with pytest.raises(ValueError, match=r"targets\[2\]\['boxes'\]\[0\].*w >= 0 and h >= 0"):
+            matcher(outputs, bad)
+    bad = [dict(t) for t in targets]  # float labels
+    bad[0]["labels"] = bad[0]["labels"].float()
+    with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must hold integer class"):
+        UOTMatcher()(outputs, bad)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])

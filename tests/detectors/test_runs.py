@@ -46,8 +46,10 @@ def test_an_existing_run_is_never_overwritten_silently(data, tmp_path, capsys):
 def test_resume_of_a_finished_run_reports_it(data, tmp_path, capsys):
     out = tmp_path / "run"
     _train(data, out, epochs="1")
+    run = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["run"]
     with open(out / "metrics.jsonl", "a") as fh:  # a record with metrics, as an evaluated run
-        fh.write(json.dumps({"epoch": 1, "AP": 0.25, "AP50": 0.5, "AR100": 0.3}) + "\n")
+        record = {"run": run, "epoch": 1, "AP": 0.25, "AP50": 0.5, "AR100": 0.3}
+        fh.write(json.dumps(record) + "\n")
     (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text().splitlines()[-1] + "\n")
     capsys.readouterr()
     metrics = _train(data, out, "--resume")
@@ -73,7 +75,7 @@ def test_unwritable_or_file_out_fails_before_any_work(data, tmp_path, capsys, mo
     afile = tmp_path / "afile"
     afile.write_text("x")
     line = _one_line_error(capsys, _train, data, afile / "run")
-    assert f"--out {afile / 'run'} is not writable" in line
+    assert f"--out {afile / 'run'}: {afile} is a file, not a directory" in line
     line = _one_line_error(capsys, _train, data, afile)
     assert "is a file, not a directory" in line
     line = _one_line_error(capsys, _train, data, "/proc/uotmatch-cannot-write-here")
@@ -121,13 +123,19 @@ def test_an_image_damaged_past_its_header_is_named_when_read(data, tmp_path, cap
     path = copy / "train" / "000002.png"
     path.write_bytes(path.read_bytes()[:120])  # header intact, pixel data cut
     line = _one_line_error(capsys, _train, copy, tmp_path / "o")
-    assert "cannot read image" in line and "000002.png" in line and "--resume" in line
+    assert "cannot read image" in line and "000002.png" in line
+    assert "no epoch finished" in line and "--resume" not in line  # nothing to resume
+    assert not (tmp_path / "o").exists()  # and nothing left behind
 
 
 def test_bad_checkpoints_on_resume_are_one_line(data, tmp_path, capsys):
     out = tmp_path / "run"
     _train(data, out)
     line = _one_line_error(capsys, _train, data, out, "--resume", "--channels", "16")
+    assert "other settings (--channels 32 -> 16)" in line and "--accept-changes" in line
+    line = _one_line_error(
+        capsys, _train, data, out, "--resume", "--channels", "16", "--accept-changes"
+    )
     assert "was written by a different model" in line and "size mismatch" in line
     (out / "last.pth").write_bytes((out / "last.pth").read_bytes()[:1000])
     line = _one_line_error(capsys, _train, data, out, "--resume")
@@ -152,13 +160,18 @@ def test_ctrl_c_says_how_to_resume(data, tmp_path, capsys, monkeypatch):
     assert load_checkpoint(out / "last.pth")["epoch"] == 1
 
 
-def test_progress_bars_count_epochs_from_one(data, tmp_path, capsys):
+def test_one_line_per_epoch_with_eta(data, tmp_path, capsys):
+    """Without a terminal (a log, as here) no bar: one line per epoch, counted from 1, with the
+    loss, lr, time and ETA."""
     fcos_train.main(
-        ["--data", str(data), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY_RUN[:-1]]
+        ["--data", str(data), "--out", str(tmp_path / "r"), "--epochs", "2", *TINY_RUN[:-1]]
         + ["--channels", "32", "--head-depth", "1", "--eval-every", "0"]
     )
-    err = capsys.readouterr().err
-    assert "epoch 1/1" in err and "epoch 0" not in err
+    captured = capsys.readouterr()
+    lines = [x for x in captured.out.splitlines() if x.startswith("epoch ")]
+    assert [x.split(":")[0] for x in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(", lr " in x and "it/s" in x and "ETA" in x for x in lines)
+    assert "\r" not in captured.err and "it/s]" not in captured.err  # no tqdm noise
 
 
 def test_evaluate_cli_help_and_defaults(capsys):

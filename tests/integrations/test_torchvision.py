@@ -130,6 +130,33 @@ def test_torchvision_retinanet_trains_with_ota(samples):
     assert result.gt_index.shape == (4, A)
 
 
+@pytest.mark.parametrize("build", [_fcos, _retinanet], ids=["fcos", "retinanet"])
+def test_the_model_copies_averages_and_saves(samples, tmp_path, build):
+    """deepcopy, an EMA (``AveragedModel``) and ``torch.save`` / ``torch.load`` of the whole
+    model keep the assigner's matching (they once recursed without end in FCOS's box coder)."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    images, targets = samples
+    model = use_assigner(build(), OTAAssigner())
+    twin = copy.deepcopy(model)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+    ema.update_parameters(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)  # our own file, just written
+    reference = model.train()(images[:2], targets[:2])
+    for other in (twin, ema.module, loaded):
+        assert isinstance(other, type(model)) and isinstance(other.uotmatch_assigner, OTAAssigner)
+        losses = other.train()(images[:2], targets[:2])
+        for key, value in reference.items():
+            assert float(losses[key]) == pytest.approx(float(value), rel=1e-5), key
+        assert int(other.uotmatch_result.num_fg.sum()) > 0
+    state = model.state_dict()  # and the weights alone load into a stock model
+    stock = build()
+    stock.load_state_dict(state)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="assigner must be a uotmatch.detection DenseAssigner"):
         use_assigner(_fcos(), lambda **kw: None)

@@ -165,6 +165,15 @@ class DenseInputs:
                 f"{tuple(pred_boxes.shape)}"
             )
         if gt_mask is None:
+            # Padding by zeros without a mask would make class-0 ground truths at the origin.
+            zero = (gt_boxes == 0).all(-1) if gt_boxes.dim() == 3 else None
+            if zero is not None and bool(zero.any()):
+                b, g = (int(i) for i in torch.nonzero(zero)[0])
+                raise ValueError(
+                    f"gt_boxes: image {b}, ground truth {g} is all zeros (padding?) and no "
+                    "gt_mask was given: pass gt_mask [B, G] (True on the real ground truths), "
+                    "or drop the zero boxes"
+                )
             gt_mask = torch.ones(B, G, dtype=torch.bool, device=gt_boxes.device)
         elif not isinstance(gt_mask, Tensor):
             raise ValueError(f"gt_mask must be a torch tensor, got {type(gt_mask).__name__}")
@@ -250,7 +259,8 @@ class DenseAssigner:
             pred_boxes=pred_boxes,  # [B, A, 4] predicted boxes, xyxy
             gt_boxes=gt_boxes,      # [B, G, 4] ground truths, xyxy, padded to G
             gt_labels=gt_labels,    # [B, G] int64 classes in [0, K)
-            gt_mask=gt_mask,        # [B, G] bool, True on real ground truths (default: all)
+            gt_mask=gt_mask,        # [B, G] bool, True on real ground truths (default: all;
+                                    # an all-zero box without gt_mask is refused as padding)
         )                           # -> AssignResult
 
     Each assigner reads what it needs (:attr:`uses` lists it) and validates everything it is

@@ -4,7 +4,8 @@
     from uotmatch.detection import OTAAssigner
     from uotmatch.integrations.torchvision import use_assigner
 
-    model = use_assigner(fcos_resnet50_fpn(weights=None, num_classes=91), OTAAssigner())
+    fcos = fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)  # no download
+    model = use_assigner(fcos, OTAAssigner())
     losses = model(images, targets)  # training mode: torchvision's own losses, OTA's matching
 
 What changes: only the matching step of ``compute_loss`` (torchvision's ``FCOS`` builds
@@ -21,12 +22,12 @@ such a point gets centerness 0 instead of NaN (points inside their box are uncha
 
 from __future__ import annotations
 
-import types
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection._utils import BoxLinearCoder
 
 from uotmatch.detection import AssignResult, DenseAssigner
 
@@ -51,11 +52,12 @@ def use_assigner(model: FCOS | RetinaNet, assigner: DenseAssigner) -> FCOS | Ret
             f"assigner must be a uotmatch.detection DenseAssigner, got {type(assigner).__name__}"
         )
     if isinstance(model, FCOS):
-        loss = _fcos_compute_loss
-        if not isinstance(model.head.box_coder, _NonNegativeTargets):
-            model.head.box_coder = _NonNegativeTargets(model.head.box_coder)
+        model.__class__ = _AssignedFCOS
+        coder = model.head.box_coder
+        if not isinstance(coder, _NonNegativeTargets):
+            model.head.box_coder = _NonNegativeTargets(coder.normalize_by_size)
     elif isinstance(model, RetinaNet):
-        loss = _retinanet_compute_loss
+        model.__class__ = _AssignedRetinaNet
     else:
         raise ValueError(
             "model must be a torchvision.models.detection FCOS or RetinaNet, got "
@@ -63,23 +65,16 @@ def use_assigner(model: FCOS | RetinaNet, assigner: DenseAssigner) -> FCOS | Ret
         )
     model.uotmatch_assigner = assigner
     model.uotmatch_result = None
-    model.compute_loss = types.MethodType(loss, model)
     return model
 
 
-class _NonNegativeTargets:
+class _NonNegativeTargets(BoxLinearCoder):
     """FCOS's box coder whose encoded regression targets (used for the centerness target only)
     are at least 0: a point outside its box gets centerness 0 rather than the square root of a
     negative number."""
 
-    def __init__(self, coder):
-        self.coder = coder
-
     def encode(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
-        return self.coder.encode(reference_boxes, proposals).clamp_min(0)
-
-    def __getattr__(self, name):  # decode and anything else: the wrapped coder's
-        return getattr(self.coder, name)
+        return super().encode(reference_boxes, proposals).clamp_min(0)
 
 
 def _padded_targets(targets: Sequence[dict], device) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,6 +129,21 @@ def _level_strides(anchors0: Tensor, num_anchors_per_level: Sequence[int]) -> Te
         strides.append(torch.full((n,), spacing, device=anchors0.device))
         previous, start = spacing, start + n
     return torch.cat(strides)
+
+
+class _AssignedFCOS(FCOS):
+    """torchvision's ``FCOS`` whose ``compute_loss`` matches with ``uotmatch_assigner`` (a
+    module-level class: the model deep-copies, averages and pickles as any torchvision model)."""
+
+    def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
+        return _fcos_compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level)
+
+
+class _AssignedRetinaNet(RetinaNet):
+    """torchvision's ``RetinaNet`` whose ``compute_loss`` matches with ``uotmatch_assigner``."""
+
+    def compute_loss(self, targets, head_outputs, anchors):
+        return _retinanet_compute_loss(self, targets, head_outputs, anchors)
 
 
 def _fcos_compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):

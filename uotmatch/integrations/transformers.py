@@ -212,6 +212,14 @@ def use_matcher(
             f"loss='plan' is not supported for {family.name}: its classification loss "
             "(varifocal / IoU-aware) is defined on matched pairs only; use loss='hard'"
         )
+    names = [family.matcher] + ([family.criterion] if loss == "plan" else [])
+    absent = [name for name in names if name not in family.stock.__globals__]
+    if absent:
+        raise ValueError(
+            f"this transformers ({transformers.__version__}) builds {family.name}'s loss "
+            f"without {absent[0]!r}: the adapter hooks the names of transformers 5.25 "
+            "(from a clone: pip install -e '.[transformers]')"
+        )
     adapter = _HFMatcher(matcher, plan=loss == "plan", grouped=family.grouped)
     replace: dict[str, object] = {}
     if family.builds_matcher_in_criterion:
