@@ -197,9 +197,15 @@ def peak_memory(fn, inputs=()) -> int:
         numpy_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    with _quiet(), profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as prof:
+    with (
+        _quiet(),
+        profile(
+            activities=[ProfilerActivity.CPU],
+            profile_memory=True,
+            record_shapes=True,
+            with_stack=True,
+        ) as prof,
+    ):
         fn()
     timeline = prof._memory_profile().timeline
     before = {key for _, action, (key, _), _ in timeline if action == Action.PREEXISTING}

@@ -53,8 +53,13 @@ def paired_step_times(data: Path, args, rounds: int = 3, count: int = 6) -> dict
     ]
     steps = {}
     for name in args.assigners:
+        regime = {"tau1": 10.0, "tau2": 1.0} if name == "uot" else {}  # the study's UOT regime
         cfg = FCOSConfig(
-            data=str(data), assigner=name, channels=args.channels, head_depth=args.head_depth
+            data=str(data),
+            assigner=name,
+            channels=args.channels,
+            head_depth=args.head_depth,
+            **regime,
         )
         torch.manual_seed(args.seed)
         model = build_model(cfg, train.num_classes).train()

@@ -163,7 +163,8 @@ def train_torchvision(name, data: Path, args, seed: int) -> dict:
                     val.cat_ids,
                 )
     metrics = coco_evaluate(val.ann_file, detections, image_ids=val.ids)
-    return {**metrics, "step_s": statistics.median(step_times[len(step_times) // 10 :])}
+    step_s = statistics.median(step_times[len(step_times) // 10 :])
+    return {**metrics, "step_s": step_s, "detections": detections}
 
 
 # -- Hugging Face transformers ---------------------------------------------------------------------
@@ -270,7 +271,8 @@ def train_hf(name, data: Path, args, seed: int) -> dict:
     metrics = coco_evaluate(val.ann_file, detections, image_ids=val.ids)
     matcher = getattr(model.loss_function, "matcher", None)
     extra = {} if matcher is None else {"unconverged": matcher.unconverged, "calls": matcher.calls}
-    return {**metrics, "step_s": statistics.median(step_times[len(step_times) // 10 :]), **extra}
+    step_s = statistics.median(step_times[len(step_times) // 10 :])
+    return {**metrics, "step_s": step_s, **extra, "detections": detections}
 
 
 # -- Ultralytics ---------------------------------------------------------------------------------
@@ -342,7 +344,8 @@ def train_yolo(name, data: Path, yolo_data: Path, args, seed: int, out: Path) ->
             val.cat_ids,
         )
     metrics = coco_evaluate(val.ann_file, detections, image_ids=val.ids)
-    return {**metrics, "step_s": statistics.median(timer.times[len(timer.times) // 10 :])}
+    step_s = statistics.median(timer.times[len(timer.times) // 10 :])
+    return {**metrics, "step_s": step_s, "detections": detections}
 
 
 # -- step time, paired ----------------------------------------------------------------------------
@@ -508,7 +511,9 @@ def table(results: dict, paired: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line (also what benchmarks/study.py builds its framework runs' settings
+    from)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/frameworks"))
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
@@ -532,7 +537,11 @@ def main(argv=None):
         default=3,
         help="rounds of the paired step timing (0: use the training runs' step times)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
@@ -558,6 +567,7 @@ def main(argv=None):
             else:
                 r = train_yolo(name, data, yolo_data, args, seed, out)
             r["wall_s"] = time.perf_counter() - start
+            r.pop("detections")  # the study (benchmarks/study.py) keeps them; not this table
             results.setdefault(name, {})[str(seed)] = r
             path.write_text(json.dumps(results, indent=1))  # after every run: resumable
             ap, ap50, ar = (100 * r[k] for k in ("AP", "AP50", "AR100"))

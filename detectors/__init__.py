@@ -12,7 +12,6 @@ import sys as _sys
 _NEEDS = {"torchvision": "torchvision", "PIL": "pillow", "tqdm": "tqdm", "yaml": "pyyaml"}
 
 
-
 def _absent(module: str) -> bool:
     try:
         return _util.find_spec(module) is None

@@ -192,3 +192,32 @@ def test_the_corpus_is_recorded_and_benchmarked(tmp_path, capsys):
     assert "| demo | 1 | 2 |" in text and "| detr | 1 | 2 |" in text
     assert "Decisions, demo (anchors" in text and "| 1e-05 | 0 | 0 |" in text
     assert (corpus / "corpus.md").read_text().strip() == text.strip()
+
+
+def test_study_statistics_and_resume(tmp_path, capsys):
+    """The study's intervals against hand-computed values, its report's readings, and a rerun
+    that finds every run done trains nothing."""
+    import math
+
+    study = _load("study")
+    mean, low, high = study.t_interval([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.3027
+    assert mean == 2.0 and high - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(study.t_interval([1.0])[1])
+    a = {i: 0.5 for i in range(50)}
+    b = {i: 0.5 + 0.1 for i in range(50)}  # every image 0.1 better: a zero-width interval
+    assert study.paired_bootstrap(a, b) == pytest.approx((0.1, 0.1, 0.1))
+    assert study._reading(-0.1, 0.2) == "no detectable difference"
+    assert study._reading(0.1, 0.2) == "better"
+    results = {}
+    for seed, (own, ota) in enumerate([(0.30, 0.33), (0.31, 0.33), (0.29, 0.32)]):
+        for name, ap in (("own", own), ("ota", ota)):
+            results[f"tv-fcos/{name}/seed{seed}"] = {
+                "AP": ap, "AP50": ap, "AR100": ap, "wall_s": 1.0,
+                "per_image_ap": {str(i): ap for i in range(10)},
+            }  # fmt: skip
+    (tmp_path / "study.json").write_text(json.dumps(results))
+    done = study.main(["--out", str(tmp_path), "--frameworks", "tv-fcos", "--seeds", "0", "1", "2"])
+    assert done == results  # nothing ran: every run was finished
+    text = (tmp_path / "study.md").read_text()
+    assert "| tv-fcos | ota | 3 | 32.7 ± 0.6 |" in text and "| better |" in text
+    assert "+2.67 (" in text and (tmp_path / "study.png").exists()

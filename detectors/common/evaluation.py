@@ -11,7 +11,15 @@ import io
 import json
 from pathlib import Path
 
-__all__ = ["BACKENDS", "METRICS", "coco_detections", "coco_evaluate", "coco_stats", "format_table"]
+__all__ = [
+    "BACKENDS",
+    "METRICS",
+    "coco_detections",
+    "coco_evaluate",
+    "coco_stats",
+    "format_table",
+    "per_image_ap",
+]
 
 #: Names of the reported entries of ``COCOeval.stats`` (bbox), in order of their index.
 METRICS = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
@@ -93,6 +101,35 @@ def coco_evaluate(
     ground truth, as COCOeval)."""
     stats = coco_stats(ann_file, detections, image_ids, backend)
     return {name: stats[i] for name, i in METRICS.items()}
+
+
+def per_image_ap(
+    ann_file: str | Path,
+    detections: list[dict],
+    image_ids: list[int] | None = None,
+    backend: str | None = None,
+) -> dict[int, float]:
+    """COCO AP (IoU 0.5:0.95) of each image on its own, ``{image_id: AP}``: the unit of a
+    paired bootstrap over images. Images without ground truth are left out (COCO's -1)."""
+    COCO, COCOeval = _coco_classes(backend)
+    out = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        ids = sorted(gt.getImgIds()) if image_ids is None else list(image_ids)
+        dt = gt.loadRes(json.loads(json.dumps(detections))) if detections else None
+        for i in ids:
+            if not gt.getAnnIds(imgIds=[i]):
+                continue
+            if dt is None:
+                out[i] = 0.0
+                continue
+            ev = COCOeval(gt, dt, "bbox")
+            ev.params.imgIds = [i]
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            out[i] = max(float(ev.stats[0]), 0.0)
+    return out
 
 
 def format_table(metrics: dict[str, float], title: str = "COCO bbox") -> str:
