@@ -1,4 +1,6 @@
-# make test: set up .venv (if needed), lint, run the whole test suite.
+# make test: set up .venv (if needed), lint (ruff, mypy), run the fast tier of the tests (no
+#   `slow` tests, fewer Hypothesis examples): about 2 minutes on 2 cores.
+# make test FULL=1: the same checks and the whole suite (what .ci/run does).
 # make demo: set up .venv (if needed), run the main job: train FCOS-OTA on Color Boxes (CPU).
 #   Run again, it continues an interrupted run (--resume) or reports the finished one; `make
 #   clean` (or a new DEMO_OUT) starts over. The README has the measured times.
@@ -21,11 +23,23 @@ $(STAMP): pyproject.toml constraints/ci.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[dev]'
 	touch $(STAMP)
 
+LINTED := uotmatch detectors tests benchmarks docs
+ifeq ($(FULL),1)
+PYTEST_ARGS ?=
+HYPOTHESIS_PROFILE ?= full
+else
+PYTEST_ARGS ?= -m "not slow"
+HYPOTHESIS_PROFILE ?= fast
+endif
+export HYPOTHESIS_PROFILE
+
 lint: $(STAMP)
-	$(PY) -m ruff check uotmatch detectors tests benchmarks docs
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check --quiet $(LINTED)
+	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	test -f $(DEMO_DATA)/annotations/instances_val.json || \
@@ -34,7 +48,7 @@ demo: $(STAMP)
 		--eval-every 0 --out $(DEMO_OUT) --resume
 
 figure1: $(STAMP)
-	$(PY) -m uotmatch.figure1
+	$(PY) docs/examples/figure1.py
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html

@@ -16,7 +16,7 @@ Per source (``demo``, ``yolo``, ``torchvision``, ``detr``):
   ``--pot-max-iter`` iterations): the time, and how many of its plans reach ``tol`` by our error
   (``uotmatch._state.plan_error``, the relative L1 violation of the optimality conditions);
 * **decisions**: the assignment each item's plan decodes to (the OTA assigners' official
-  decoding, ``uotmatch.detection.decode_plan``; a DETR matcher's ``Matching.assignment``) at
+  decoding, ``uotmatch.detection.decode_plan``; a DETR matcher's ``Matching.gt_index``) at
   looser tolerances, against a float64 solve to ``1e-10``: the anchors (queries) assigned
   differently, and the time. Ties apart: an anchor whose two best scores in the reference differ
   by less than ``TIE`` (relative) is decided by their order, whatever the tolerance. The
@@ -172,7 +172,7 @@ def decisions(source: str, problems: list[dict]) -> list[dict]:
             scale[:, 0, -1] = scale[:, 0, -1].clamp_min(1.0)
             scores = plan / scale.clamp_min(1e-300)
         else:
-            index, scores = m.assignment(), plan
+            index, scores = m.gt_index(), plan
         top = scores.topk(min(2, scores.shape[-1]), dim=-1).values
         margin = (top[..., 0] - top[..., -1]) / top[..., 0].clamp_min(1e-300)
         a = p.get("a")

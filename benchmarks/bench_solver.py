@@ -49,7 +49,7 @@ from scipy.optimize import linear_sum_assignment
 
 import uotmatch
 from uotmatch._state import plan_error
-from uotmatch.detection import anchor_points, box_cxcywh_to_xyxy, generalized_box_iou
+from uotmatch.detection import STRIDES, anchor_points, box_cxcywh_to_xyxy, generalized_box_iou
 
 INF = math.inf
 TARGET_ERROR = 1e-3
@@ -59,7 +59,6 @@ BLOCK = 3
 #: plan, which POT's small per-image buffers recycled from the heap never see).
 WARMUP_ROUNDS = 2
 POT_THRESHOLDS = [10.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9]
-STRIDES = (8, 16, 32, 64, 128)
 YOLO_STRIDES = (8, 16, 32)
 
 

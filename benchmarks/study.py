@@ -33,6 +33,7 @@ alternately on the same batches in one process (the machine idle), not from the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -85,10 +86,8 @@ def _versions() -> dict:
 
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("torchvision", "ultralytics", "transformers", "uotmatch"):
-        try:
+        with contextlib.suppress(ImportError, AttributeError):
             out[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
-            pass
     return out
 
 

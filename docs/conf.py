@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The Figure 1 tutorial imports the figure's numbers from docs/examples/figure1.py.
+sys.path.insert(0, str(ROOT / "docs" / "examples"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # The API page imports the Ultralytics adapter: no network, settings in a writable place.
 os.environ.setdefault("YOLO_OFFLINE", "1")

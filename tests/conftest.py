@@ -4,14 +4,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "default",
-    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "40")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    derandomize=True,
-)
-settings.load_profile("default")
+# "full" (CI, and plain pytest) and "fast" (make test): HYPOTHESIS_PROFILE picks one.
+for _name, _examples in (("full", 40), ("fast", 10)):
+    settings.register_profile(
+        _name,
+        max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", _examples)),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        derandomize=True,
+    )
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -20,6 +20,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow
 def test_bench_solver_quick(capfd, tmp_path):
     out = tmp_path / "solver.md"
     rows = _load("bench_solver").main(["--quick", "--large", "--repeats", "1", "--out", str(out)])
@@ -60,6 +61,7 @@ def test_bench_assigners_quick(capsys, tmp_path):
     assert "| DETR matcher" in (tmp_path / "assigners.md").read_text()
 
 
+@pytest.mark.slow
 def test_train_assigners_quick(tmp_path, capsys):
     results = _load("train_assigners").main(
         [
@@ -92,6 +94,7 @@ def test_train_assigners_quick(tmp_path, capsys):
     assert (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_detr_convergence_quick(tmp_path, capsys):
     summary = _load("detr_convergence").main(
         ["--out", str(tmp_path), "--train", "4", "--val", "2", "--size", "64", "--epochs", "2"]
@@ -108,6 +111,7 @@ def test_detr_convergence_quick(tmp_path, capsys):
     assert "| epoch | hungarian AP | ot AP |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_gpu_check_script_dry_run(tmp_path):
     """scripts/gpu_check.sh runs its steps (at smoke sizes on the CPU) and writes every table;
     asked for CUDA where there is none, it stops at once with a one-line reason."""
@@ -143,6 +147,7 @@ def test_peak_memory_sees_numpy_buffers_too():
     assert 8_000_000 <= held < 8_100_000  # the buffer, and tracemalloc's few bookkeeping bytes
 
 
+@pytest.mark.slow
 def test_train_frameworks_paired_step_times_and_table(tmp_path):
     """The step-time column comes from one alternating measurement of every run (real
     torchvision and Ultralytics models, tiny sizes); the table divides by each framework's own."""
@@ -194,6 +199,7 @@ def test_the_corpus_is_recorded_and_benchmarked(tmp_path, capsys):
     assert (corpus / "corpus.md").read_text().strip() == text.strip()
 
 
+@pytest.mark.slow
 def test_study_statistics_and_resume(tmp_path, capsys):
     """The study's intervals against hand-computed values, its report's readings, and a rerun
     that finds every run done trains nothing."""

@@ -11,6 +11,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     ["torchvision_fcos", "detr_plan_loss", "transformers_deformable_detr", "rfdetr_criterion"],
@@ -29,6 +30,7 @@ def test_example_runs(name, capsys):
         assert "matchings made: 3" in out
 
 
+@pytest.mark.slow
 def test_ultralytics_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     monkeypatch.setenv("YOLO_CONFIG_DIR", os.environ.get("YOLO_CONFIG_DIR", tempfile.mkdtemp()))
@@ -39,6 +41,7 @@ def test_ultralytics_example_runs(tmp_path, monkeypatch, capsys):
     assert "weights:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_ultralytics_rtdetr_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     monkeypatch.setenv("YOLO_CONFIG_DIR", os.environ.get("YOLO_CONFIG_DIR", tempfile.mkdtemp()))

@@ -168,7 +168,7 @@ def test_batched_shapes_and_fields():
     assert m.f.shape == (3, 5) and m.g.shape == (3, 3)
     assert m.converged.shape == (3,) and m.converged.dtype == torch.bool
     assert m.marginal_error.shape == (3,) and m.iterations.dtype == torch.int64
-    assert m.assignment().shape == (3, 5)
+    assert m.gt_index().shape == (3, 5)
     pairs = m.pairs()
     assert len(pairs) == 3 and all(
         p.dtype == torch.int64 and q.dtype == torch.int64 for p, q in pairs
@@ -181,7 +181,7 @@ def test_torch_dtype_and_device_round_trip(dtype, device):
     C = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.5, 0.6]], dtype=dtype, device=device)
     m = uotmatch.match(C, 0.05, background_cost=0.4)
     assert m.plan.dtype == dtype and m.plan.device == C.device
-    assert m.assignment().tolist() == [0, 1, -1]
+    assert m.gt_index().tolist() == [0, 1, -1]
     assert bool(m.converged)
 
 
@@ -189,13 +189,13 @@ def test_numpy_and_list_round_trip():
     C = np.array([[0.1, 0.9], [0.8, 0.2], [0.5, 0.6]], dtype=np.float32)
     m = uotmatch.match(C, 0.05, background_cost=0.4)
     assert isinstance(m.plan, np.ndarray) and m.plan.dtype == np.float32
-    assert isinstance(m.f, np.ndarray) and m.assignment().tolist() == [0, 1, -1]
+    assert isinstance(m.f, np.ndarray) and m.gt_index().tolist() == [0, 1, -1]
     pred, gt = m.pairs()
     assert pred.tolist() == [0, 1] and gt.tolist() == [0, 1]
     lst = uotmatch.match(C.tolist(), 0.05, background_cost=0.4)
     assert isinstance(lst.plan, list) and isinstance(lst.plan[0], list)
     np.testing.assert_allclose(np.array(lst.plan), m.plan, atol=1e-6)
-    assert lst.assignment() == [0, 1, -1]
+    assert lst.gt_index() == [0, 1, -1]
 
 
 def test_gradcheck_float64(device):

@@ -58,10 +58,10 @@ class Moved:
 
     def __init__(self, m):
         self.plan, self.f, self.g = m.plan.cpu(), m.f.cpu(), m.g.cpu()
-        self.converged, self._assignment = m.converged.cpu(), m.assignment().cpu()
+        self.converged, self._gt_index = m.converged.cpu(), m.gt_index().cpu()
 
-    def assignment(self):
-        return self._assignment
+    def gt_index(self):
+        return self._gt_index
 
 
 def solve(cost, bg, a, b, eps, **kw):
@@ -146,7 +146,7 @@ def test_screened_solve_equals_the_dense_solve(seed, eps, far, masses, holes, de
         return torch.where(a > 0, m.f + m.g[:, -1:], 0), torch.where(cols, m.g - m.g[:, -1:], 0)
 
     torch.testing.assert_close(gauge(screened), gauge(dense), atol=1e-6, rtol=0)
-    assert torch.equal(screened.assignment(), dense.assignment())
+    assert torch.equal(screened.gt_index(), dense.gt_index())
 
 
 def test_screened_plan_matches_pot(calls):

@@ -106,7 +106,7 @@ def test_an_empty_batch_gives_an_empty_answer(kwargs):
     m = uotmatch.match(torch.rand(0, 5, 3), **kwargs)
     N = 3 + int("background_cost" in kwargs)
     assert m.plan.shape == (0, 5, N) and m.converged.shape == (0,) and m.status == []
-    assert m.pairs() == [] and m.assignment().shape == (0, 5)
+    assert m.pairs() == [] and m.gt_index().shape == (0, 5)
 
 
 def test_empty_batches_in_the_matchers():

@@ -9,6 +9,6 @@ from uotmatch._decode import DECODINGS
 from uotmatch._match import match
 from uotmatch._result import Matching
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one version source (pyproject.toml reads it)
 
 __all__ = ["DECODINGS", "Matching", "match"]

@@ -5,11 +5,33 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Literal, overload
 
 __all__ = ["boolean", "choice", "integer", "real"]
 
 
+@overload
+def real(
+    name: str,
+    x: Any,
+    *,
+    low: float | None = ...,
+    high: float | None = ...,
+    low_open: bool = ...,
+    allow_inf: bool = ...,
+    allow_none: Literal[False] = ...,
+) -> float: ...
+@overload
+def real(
+    name: str,
+    x: Any,
+    *,
+    low: float | None = ...,
+    high: float | None = ...,
+    low_open: bool = ...,
+    allow_inf: bool = ...,
+    allow_none: bool,
+) -> float | None: ...
 def real(
     name: str,
     x: Any,
@@ -52,6 +74,12 @@ def _scalar(x: Any) -> Any:
     return x
 
 
+@overload
+def integer(
+    name: str, x: Any, *, low: int | None = ..., allow_none: Literal[False] = ...
+) -> int: ...
+@overload
+def integer(name: str, x: Any, *, low: int | None = ..., allow_none: bool) -> int | None: ...
 def integer(name: str, x: Any, *, low: int | None = None, allow_none: bool = False) -> int | None:
     """``x`` as an int ``>= low`` (a bool is not an integer here)."""
     if x is None and allow_none:
@@ -62,7 +90,12 @@ def integer(name: str, x: Any, *, low: int | None = None, allow_none: bool = Fal
     return int(x)
 
 
+@overload
+def boolean(name: str, x: Any, *, allow_none: Literal[False] = ...) -> bool: ...
+@overload
+def boolean(name: str, x: Any, *, allow_none: bool) -> bool | None: ...
 def boolean(name: str, x: Any, *, allow_none: bool = False) -> bool | None:
+    """``x`` if it is a bool (``None`` only with ``allow_none``)."""
     if x is None and allow_none:
         return None
     if not isinstance(x, bool):
@@ -71,6 +104,7 @@ def boolean(name: str, x: Any, *, allow_none: bool = False) -> bool | None:
 
 
 def choice(name: str, x: Any, options: tuple) -> Any:
+    """``x`` if it is one of ``options``."""
     if x not in options:
         raise ValueError(f"{name} must be one of {list(options)}, got {x!r}")
     return x

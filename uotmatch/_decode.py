@@ -1,5 +1,5 @@
 """How a transport plan becomes a matching: the decodings of :meth:`uotmatch.Matching.pairs` and
-:meth:`uotmatch.Matching.assignment`, and of the assigners and matchers.
+:meth:`uotmatch.Matching.gt_index`, and of the assigners and matchers.
 
 A plan ``[B, M, N(+1)]`` (predictions by ground truths, the background last when there is one)
 says how each prediction's mass splits; a loss that wants pairs needs a decision. The decodings:
@@ -39,21 +39,22 @@ def _check(decode: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"decode must be one of {list(allowed)}, got {decode!r}")
 
 
-def _real_part(plan: Tensor, real: Tensor, has_background: bool) -> Tensor:
+def _real_part(plan: Tensor, gt_mask: Tensor, has_background: bool) -> Tensor:
     """``[B, M, N]``: the plan on the real ground truths (masked columns zeroed)."""
     n = plan.shape[-1] - int(has_background)
-    return plan[..., :n] * real[:, None, :n]
+    return plan[..., :n] * gt_mask[:, None, :n]
 
 
 def decode_rows(
     plan: Tensor,
-    real: Tensor,
+    gt_mask: Tensor,
     has_background: bool,
     decode: str = "argmax",
     background_scale: Tensor | None = None,
 ) -> Tensor:
     """``[B, M]`` int64: per prediction, its ground truth, or -1 (background or none), by one of
-    :data:`ROW_DECODINGS`, from ``plan [B, M, N(+1)]`` and ``real [B, N]`` (the real columns).
+    :data:`ROW_DECODINGS`, from ``plan [B, M, N(+1)]`` and ``gt_mask [B, N]`` (True on the real
+    columns).
 
     ``background_scale [B]`` (``"official"`` only) overrides the background column's largest
     entry: predictions solved elsewhere and known to be background (the OTA assigners' anchors
@@ -65,8 +66,8 @@ def decode_rows(
     if n == 0 or M == 0:
         return torch.full((B, M), -1, dtype=torch.long, device=plan.device)
     if decode == "hungarian":
-        return _hungarian_rows(_real_part(plan, real, has_background))
-    plan = torch.cat([_real_part(plan, real, has_background), plan[..., n:]], -1)
+        return _hungarian_rows(_real_part(plan, gt_mask, has_background))
+    plan = torch.cat([_real_part(plan, gt_mask, has_background), plan[..., n:]], -1)
     if decode == "official":
         scale = plan.amax(1, keepdim=True)  # [B, 1, N(+1)]
         if background_scale is not None and has_background:
@@ -93,19 +94,19 @@ def _hungarian_rows(plan: Tensor) -> Tensor:
 
 
 def decode_pairs(
-    plan: Tensor, real: Tensor, has_background: bool, decode: str = "argmax"
+    plan: Tensor, gt_mask: Tensor, has_background: bool, decode: str = "argmax"
 ) -> list[tuple[Tensor, Tensor]]:
     """Per item a pair ``(pred_idx, gt_idx)`` of int64 CPU tensors sorted by prediction (then
     ground truth), by one of :data:`DECODINGS`."""
     _check(decode, DECODINGS)
     if decode != "per_target":
-        rows = decode_rows(plan, real, has_background, decode).cpu()
+        rows = decode_rows(plan, gt_mask, has_background, decode).cpu()
         out = []
         for row in rows:
             pred = torch.nonzero(row >= 0).flatten()
             out.append((pred, row[pred]))
         return out
-    real_plan = _real_part(plan, real, has_background).detach().cpu()  # [B, M, N]
+    real_plan = _real_part(plan, gt_mask, has_background).detach().cpu()  # [B, M, N]
     B, M, N = real_plan.shape
     out = []
     for i in range(B):

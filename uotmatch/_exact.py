@@ -51,10 +51,7 @@ def _infeasible(item: int) -> ValueError:
 def _emd(cost: np.ndarray, a: np.ndarray, b: np.ndarray, item: int):
     """Network simplex on one item; forbidden entries are priced out, then checked unused."""
     finite = np.isfinite(cost)
-    if finite.any():
-        span = float(np.abs(cost[finite]).max()) + 1.0
-    else:
-        span = 1.0
+    span = float(np.abs(cost[finite]).max()) + 1.0 if finite.any() else 1.0
     # Any plan through a priced-out entry costs more than every plan avoiding them.
     priced = np.where(finite, cost, span * (a.sum() + b.sum() + 1.0) * 4.0)
     plan, log = ot.emd(a, b, priced, numItermax=EMD_MAX_ITER, log=True)

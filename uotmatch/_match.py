@@ -90,7 +90,7 @@ def match(
     Returns:
         A :class:`Matching`: the plan in the caller's container, device and dtype, per-item
         ``converged``, ``marginal_error``, ``iterations`` and ``status``, potentials ``f``,
-        ``g``, and the decoders ``assignment()`` and ``pairs()``.
+        ``g``, and the decoders ``gt_index()`` and ``pairs()``.
 
     Raises:
         ValueError: on malformed input (the message names the argument); on problems no plan
@@ -127,7 +127,7 @@ def match(
         >>> import torch, uotmatch
         >>> cost = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.5, 0.6]])
         >>> m = uotmatch.match(cost, eps=0.0, background_cost=0.4)  # Hungarian + background
-        >>> m.assignment()
+        >>> m.gt_index()
         tensor([ 0,  1, -1])
         >>> m.plan
         tensor([[1., 0., 0.],
@@ -236,6 +236,7 @@ def _screen_rows(p: Problem) -> _screen.Screen | None:
         return None
     # Its price bound is finite only if every ground truth with mass has a finite cost.
     max_kept = 1.0 if p.screen else _screen.MAX_KEPT_FRACTION
+    assert p.background is not None  # applies: a background column
     return _screen.screen(p.cost, p.real_min, p.background, p.a, p.b, p.eps, max_kept)
 
 
@@ -284,6 +285,7 @@ def _solve_screened(p: Problem, screen: _screen.Screen) -> _Solution:
     """Solve the kept rows of a screened balanced problem and put the full plan ``[B, M, N +
     1]``, potentials and errors back together."""
     N = p.cost.shape[2]
+    assert p.background is not None  # screened problems have a background column
     a_k = screen.kept_mass(p.a)
     b_k = torch.cat([p.b, (a_k.sum(-1) - p.b.sum(-1)).unsqueeze(-1)], dim=-1)  # ∅ less excluded
     transpose = a_k.shape[1] > N + 1
@@ -354,9 +356,9 @@ def _wrap(p: Problem, s: _Solution) -> Matching:
     if not bool(s.finite.all()):  # the solvers' own check: no pass over the plan here
         finite = plan[torch.isfinite(plan)]
         raise overflow_error(float(finite.amax()) if finite.numel() else math.inf, plan.dtype)
-    if p.out_dtype in (torch.float16, torch.bfloat16) and plan.numel():  # narrower than work
-        if bool((plan > torch.finfo(p.out_dtype).max).any()):
-            raise overflow_error(float(plan.amax()), p.out_dtype)
+    narrow = p.out_dtype in (torch.float16, torch.bfloat16) and plan.numel()  # than work
+    if narrow and bool((plan > torch.finfo(p.out_dtype).max).any()):
+        raise overflow_error(float(plan.amax()), p.out_dtype)
     status = [
         "converged" if bool(c) else ("precision" if bool(i) else "max_iter")
         for c, i in zip(s.converged.tolist(), s.imprecise.tolist(), strict=True)
@@ -394,5 +396,5 @@ def _wrap(p: Problem, s: _Solution) -> Matching:
         kind=p.kind,
         batched=p.batched,
         out_dtype=p.out_dtype,
-        real=p.real,
+        gt_mask=p.gt_mask,
     )

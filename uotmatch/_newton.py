@@ -147,7 +147,7 @@ def _columns(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor]:
     lam2 = s.cols.lam(st.eps)
     z = torch.add(st.W, lu.unsqueeze(-1))  # [B, M, N], -inf on forbidden pairs and dead lines
     top = z.amax(1, keepdim=True).nan_to_num_(neginf=0.0)  # [B, 1, N]; 0 for an empty column
-    E = torch.nn.functional.threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0)
+    E = torch.nn.functional.threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0)  # type: ignore[attr-defined]
     top = top.squeeze(1)
     lse = E.sum(1).clamp_min_(1e-300).log_().add_(top)  # LSE_i (f_i + g0_j - C_ij) / eps
     lv = (s.cols.log_mass - lse).mul_(lam2)
@@ -214,11 +214,13 @@ def _system(s: Solve, st: State, r: Tensor, target: Tensor) -> Tensor:
     return H
 
 
-def _gain(s: Solve, st: State, target_r: Tensor, target_c: Tensor, df: Tensor, dg: Tensor):
+def _gain(
+    s: Solve, st: State, target_r: Tensor, target_c: Tensor | None, df: Tensor, dg: Tensor
+) -> Tensor:
     """``[B]`` ``F(f + df) - F(f)`` for the exact column updates (``dg`` their change), from
-    the rows' and columns' targets at ``f``: ``<a, df>`` or ``-tau1 <t, expm1(-df / tau1)>`` for
-    the rows, likewise the columns with ``-eps sum P`` folded in (``sum P = <b, exp(-g /
-    tau2)>`` at an exact update)."""
+    the rows' and columns' targets at ``f`` (``target_c`` None for hard columns): ``<a, df>``
+    or ``-tau1 <t, expm1(-df / tau1)>`` for the rows, likewise the columns with ``-eps sum P``
+    folded in (``sum P = <b, exp(-g / tau2)>`` at an exact update)."""
     rows, cols = s.rows, s.cols
     if rows.hard:
         gain = (rows.mass * df).sum(-1)
@@ -226,6 +228,7 @@ def _gain(s: Solve, st: State, target_r: Tensor, target_c: Tensor, df: Tensor, d
         gain = -rows.tau * (target_r * torch.expm1(-df / rows.tau)).sum(-1)
     if cols.hard:
         return gain + (cols.mass * dg).sum(-1)
+    assert target_c is not None
     return gain - (cols.tau + st.eps) * (target_c * torch.expm1(-dg / cols.tau)).sum(-1)
 
 
@@ -354,7 +357,8 @@ def run_stage(s: Solve, st: State, final: bool) -> None:
     every item is within ``tol`` or the budget is spent, items freezing as they converge. An
     item with a starved row takes a sweep instead of a Newton step."""
     budget = s.max_iter - st.it if final else min(STAGE_STEPS, s.max_iter - st.it - 1)
-    best = stalled_since = None
+    best: Tensor | None = None
+    stalled_since = torch.zeros_like(st.iterations)
     for k in range(max(budget, 0) + 1):
         r, target = st.Kv, s.rows.target(st.fu(s))
         if final:
@@ -368,7 +372,7 @@ def run_stage(s: Solve, st: State, final: bool) -> None:
                     return
             if bool(s.imprecise.any()):  # stop the items that cannot settle once they stall
                 if best is None:
-                    best, stalled_since = rows_err, torch.zeros_like(st.iterations)
+                    best = rows_err
                 better = rows_err < best / 2
                 best = torch.where(better, rows_err, best)
                 stalled_since = torch.where(better, 0, stalled_since + 1)

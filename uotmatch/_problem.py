@@ -36,7 +36,7 @@ class Problem:
     cost: Tensor  # [B, M, N], float32 or float64
     a: Tensor  # [B, M]
     b: Tensor  # [B, N], 0 on masked columns
-    real: Tensor  # [B, N] bool
+    gt_mask: Tensor  # [B, N] bool, True on the real columns
     background: Tensor | None  # [B, M]
     eps: float
     tau1: float
@@ -84,10 +84,11 @@ class Problem:
         screen = _checks.boolean("screen", screen, allow_none=True)
         a = _mass("a", a, B, M, batched, C)
         b = _mass("b", b, B, N, batched, C)
-        real = _gt_mask(gt_mask, B, N, batched, C.device)  # [B, N] bool
-        if gt_mask is not None:  # padding is ignored whatever it holds
-            C = C.masked_fill(~real[:, None, :], INF)
-            b = torch.where(real, b, torch.zeros_like(b))
+        given = gt_mask is not None
+        gt_mask = _gt_mask(gt_mask, B, N, batched, C.device)  # [B, N] bool
+        if given:  # padding is ignored whatever it holds
+            C = C.masked_fill(~gt_mask[:, None, :], INF)
+            b = torch.where(gt_mask, b, torch.zeros_like(b))
         bg = None
         if background_cost is not None:
             bg = _background(background_cost, B, M, batched, C)
@@ -101,7 +102,7 @@ class Problem:
         grad = C.requires_grad or a.requires_grad or b.requires_grad
         grad = grad or (bg is not None and bg.requires_grad)
         p = cls(
-            C, a, b, real, bg, eps, tau1, tau2, max_iter, tol, screen, kind, batched,
+            C, a, b, gt_mask, bg, eps, tau1, tau2, max_iter, tol, screen, kind, batched,
             out_dtype, real_min, grad,
         )  # fmt: skip
         p._check_options()
@@ -141,8 +142,8 @@ class Problem:
     def col_real(self) -> Tensor:
         """``[B, N(+1)]`` bool: the real columns, then the background (always real)."""
         if self.background is None:
-            return self.real
-        return torch.cat([self.real, self.real.new_ones(self.real.shape[0], 1)], dim=-1)
+            return self.gt_mask
+        return torch.cat([self.gt_mask, self.gt_mask.new_ones(self.gt_mask.shape[0], 1)], dim=-1)
 
     def full_cost(self, transpose: bool) -> Tensor:
         """:func:`full_cost` of this problem."""

@@ -70,19 +70,19 @@ class Matching:
         kind: str = "torch",
         batched: bool = True,
         out_dtype: torch.dtype | None = None,
-        real: Tensor | None = None,
+        gt_mask: Tensor | None = None,
     ):
-        # Built by match() and the matchers from batched tensors ([B, ...]); ``real [B, N]`` are
-        # the real (unmasked) ground-truth columns (default: all).
+        # Built by match() and the matchers from batched tensors ([B, ...]); ``gt_mask [B, N]``
+        # is True on the real (unmasked) ground-truth columns (default: all).
         self._plan, self._converged, self._error = plan, converged, error
         self._iterations, self._status, self._potentials = iterations, list(status), potentials
         self._kind, self._batched = kind, batched
         self._out_dtype = plan.dtype if out_dtype is None else out_dtype
         self._has_background = has_background
         n = plan.shape[-1] - int(has_background)
-        if real is None:
-            real = torch.ones(plan.shape[0], n, dtype=torch.bool, device=plan.device)
-        self._real = real
+        if gt_mask is None:
+            gt_mask = torch.ones(plan.shape[0], n, dtype=torch.bool, device=plan.device)
+        self._gt_mask = gt_mask
 
     @property
     def has_background(self) -> bool:
@@ -136,23 +136,23 @@ class Matching:
         """``[B, N(+1)]`` column (ground truth, then ∅) dual potentials; 0 for masked columns."""
         return self._fg[1]
 
-    def assignment(self, decode: str = "argmax") -> Array:
+    def gt_index(self, decode: str = "argmax") -> Array:
         """``[B, M]`` int64: per prediction, its ground truth, or -1 (the background, or no
-        mass), by ``decode``: ``"argmax"`` (the ground truth holding the largest share of its
-        row), ``"hungarian"`` (the one-to-one matching carrying the most plan mass: every ground
-        truth gets a prediction when there are enough) or ``"official"`` (OTA's: each column
-        divided by its largest entry first). See :mod:`uotmatch._decode` and the docs'
-        conventions page."""
-        return self._item(decode_rows(self._plan, self._real, self.has_background, decode))
+        mass): what the assigners' ``AssignResult.gt_index`` holds. By ``decode``:
+        ``"argmax"`` (the ground truth holding the largest share of its row), ``"hungarian"``
+        (the one-to-one matching carrying the most plan mass: every ground truth gets a
+        prediction when there are enough) or ``"official"`` (OTA's: each column divided by its
+        largest entry first). See :mod:`uotmatch._decode` and the docs' conventions page."""
+        return self._item(decode_rows(self._plan, self._gt_mask, self.has_background, decode))
 
     def pairs(self, decode: str = "argmax") -> list[tuple[Array, Array]] | tuple[Array, Array]:
         """DETR-style matches: per item a pair ``(pred_idx, gt_idx)`` of int64 index arrays
         (CPU tensors for torch input, as DETR's matcher), sorted by prediction. ``decode``: one
-        of :meth:`assignment`'s, or ``"per_target"`` (each ground truth to the prediction
+        of :meth:`gt_index`'s, or ``"per_target"`` (each ground truth to the prediction
         holding the largest share of its column; a prediction may serve several ground truths,
         as in the ``tau1 = 0`` regime). A list of B pairs for a batched call, one pair
         otherwise."""
-        pairs = decode_pairs(self._plan, self._real, self.has_background, decode)
+        pairs = decode_pairs(self._plan, self._gt_mask, self.has_background, decode)
         out = [(to_container(p, self._kind), to_container(g, self._kind)) for p, g in pairs]
         return out if self._batched else out[0]
 
@@ -176,7 +176,7 @@ class Matching:
             kind=self._kind,
             batched=self._batched,
             out_dtype=self._out_dtype,
-            real=self._real,
+            gt_mask=self._gt_mask,
         )
 
     def __repr__(self) -> str:

@@ -69,8 +69,10 @@ def price_bound(D: Tensor, a: Tensor, b: Tensor, eps: float) -> Tensor:
 
     Args:
         D: ``[B, R, N]`` ``C_ij - C_i∅`` on a sample of R rows (``+inf`` where forbidden).
-        a: ``[B, R]`` their masses. b: ``[B, N]`` the ground-truth masses (0 on masked columns,
-            which then do not count).
+        a: ``[B, R]`` their masses.
+        b: ``[B, N]`` the ground-truth masses (0 on masked columns, which then do not count).
+        eps: > 0.
+
     Returns ``+inf`` for an item where the sample cannot hold some ground truth's mass.
     """
     B, R, N = D.shape
@@ -79,7 +81,8 @@ def price_bound(D: Tensor, a: Tensor, b: Tensor, eps: float) -> Tensor:
     x = torch.maximum(x, top + LOG_FLOOR)  # exp is slow on CPU for huge negative arguments
     log_w = x.logsumexp(-1, keepdim=True)  # log W_i
     cap = (x - torch.where(top > -math.inf, log_w, math.inf)).exp_()  # softmax; 0 if forbidden
-    cap = torch.nn.functional.threshold_(cap, math.exp(LOG_FLOOR + 10), 0.0)  # floored: 0
+    # Floored entries are 0 (threshold_ exists at run time; torch's stubs omit it).
+    cap = torch.nn.functional.threshold_(cap, math.exp(LOG_FLOOR + 10), 0.0)  # type: ignore[attr-defined]
     mid, order = log_w.squeeze(-1).neg().sort(-1)  # sigmoid midpoints -log W_i, ascending
     cap = gather_rows(cap.mul_(a.double().unsqueeze(-1)), order)
     cum = cap.cumsum(1).mT.contiguous()  # [B, N, R]
@@ -194,10 +197,14 @@ def screen(
     """Find the rows of a balanced problem that go to the background to the dtype's precision.
 
     Args:
-        C: ``[B, M, N]`` real-column costs (``+inf`` on masked columns). row_min: ``C.amin(-1)``.
-        bg: ``[B, M]`` background costs. a: ``[B, M]``, b: ``[B, N]`` masses (b 0 where masked).
+        C: ``[B, M, N]`` real-column costs (``+inf`` on masked columns).
+        row_min: ``C.amin(-1)``.
+        bg: ``[B, M]`` background costs.
+        a: ``[B, M]`` row masses.
+        b: ``[B, N]`` column masses (0 where masked).
         eps: > 0.
         max_kept_fraction: decline when more than this fraction of the rows would be kept.
+
     Returns ``None`` when screening does not apply (no background mass, no ground-truth mass) or
     would keep more than ``max_kept_fraction`` of the rows.
     """

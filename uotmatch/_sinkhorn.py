@@ -66,7 +66,7 @@ def begin_stage(s: Solve, st: State, eps: float) -> None:
     st.log_u, st.log_v = torch.zeros_like(st.f), torch.zeros_like(st.g)
     st.u, st.v = torch.ones_like(st.f), torch.ones_like(st.g)
     _constants(s, st)
-    st.Kv, st.KTu = st.K.sum(-1), None  # K @ 1
+    st.Kv, st.KTu = st.K.sum(-1), None  # type: ignore[assignment]  # K @ 1; K^T u: next sweep
 
 
 def _constants(s: Solve, st: State) -> None:
@@ -144,9 +144,8 @@ def check(s: Solve, st: State, last: bool, stage_start: int) -> bool:
     near, big, rescue = torch.stack(
         [((short_err <= s.tol) & st.active).any(), big, stalled.any()]
     ).tolist()
-    if near or last:
-        if freeze(st, torch.maximum(short_err, side_error(*sides[1])), s.tol):
-            return True
+    if (near or last) and freeze(st, torch.maximum(short_err, side_error(*sides[1])), s.tol):
+        return True
     if rescue:
         _newton.finish(s, st, stalled & st.active)
         if not bool(st.active.any()):

@@ -109,8 +109,9 @@ def solve(
         cost: ``[B, M, N]`` finite or ``+inf`` (forbidden pair) costs. Reductions over the last
             dimension are the fast ones, and Newton steps are taken on the rows' dual: pass the
             transposed problem when ``M > N``.
-        rows, cols: the two marginals (masses ``[B, M]`` and ``[B, N]``, 0 for an absent line;
-            their cost minima when the caller has them).
+        rows: the rows' marginal (masses ``[B, M]``, 0 for an absent line; their cost minima
+            when the caller has them).
+        cols: the columns' (masses ``[B, N]``), likewise.
         eps: entropic regularisation, ``> 0``.
         max_iter: total iterations (sweeps and Newton steps, eps-scaling stages included).
         tol: stop an item once its relative marginal error is at most this.

@@ -71,8 +71,9 @@ class Marginal:
     mass: Tensor
     tau: float
     cost_min: Tensor | None = None
-    alive: Tensor | None = None
-    total: Tensor | None = None
+    # Filled in by live() before the solver reads them (the State's convention below).
+    alive: Tensor = field(default=None)  # type: ignore[assignment]
+    total: Tensor = field(default=None)  # type: ignore[assignment]
 
     @property
     def hard(self) -> bool:
@@ -201,7 +202,7 @@ def kernel(cost: Tensor, f: Tensor, g: Tensor, eps: float, out: Tensor | None = 
     cutoff = math.exp(floor) * (1 + 1e-4)
     if torch.is_grad_enabled() and x.requires_grad:  # autograd needs exp's output intact
         return torch.nn.functional.threshold(x.clamp_min(floor).exp(), cutoff, 0.0)
-    return torch.nn.functional.threshold_(x.clamp_min_(floor).exp_(), cutoff, 0.0)
+    return torch.nn.functional.threshold_(x.clamp_min_(floor).exp_(), cutoff, 0.0)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -252,6 +253,7 @@ class Solve:
         """The same problem for the items ``idx`` only, in ``dtype``."""
 
         def side(m: Marginal) -> Marginal:
+            assert m.cost_min is not None  # the solver's sides carry their minima
             return Marginal(
                 m.mass[idx].to(dtype),
                 m.tau,
@@ -284,13 +286,13 @@ class State:
     eps: float
     f: Tensor
     g: Tensor
-    K: Tensor | None = None
+    K: Tensor = field(default=None)  # type: ignore[assignment]
     log_u: Tensor = field(default=None)  # type: ignore[assignment]
     log_v: Tensor = field(default=None)  # type: ignore[assignment]
     u: Tensor = field(default=None)  # type: ignore[assignment]
     v: Tensor = field(default=None)  # type: ignore[assignment]
     Kv: Tensor = field(default=None)  # type: ignore[assignment]
-    KTu: Tensor | None = None
+    KTu: Tensor = field(default=None)  # type: ignore[assignment]
     c_u: Tensor = field(default=None)  # type: ignore[assignment]
     c_v: Tensor = field(default=None)  # type: ignore[assignment]
     active: Tensor = field(default=None)  # type: ignore[assignment]
@@ -301,7 +303,7 @@ class State:
     it: int = 0
     #: Newton's stages (:mod:`uotmatch._newton`): the exponents ``(f + g - C) / eps`` fixed at
     #: the stage's start; the plan is ``K`` itself (the scalings ``u``, ``v`` stay 1).
-    W: Tensor | None = None
+    W: Tensor = field(default=None)  # type: ignore[assignment]
     #: ``[B]`` the trust-region radius of the Newton steps, in units of eps.
     radius: Tensor | None = None
 
@@ -324,6 +326,7 @@ def start(s: Solve, omega: float) -> State:
     """The state before the first stage: the warm start of :func:`uotmatch._schedule.warm_start`
     at the first stage's eps, every item active, the sweeps' relaxation weight ``omega``."""
     B = s.cost.shape[0]
+    assert s.rows.cost_min is not None and s.cols.cost_min is not None
     f, g = warm_start(
         s.cost,
         s.rows.cost_min,

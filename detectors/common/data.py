@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from uotmatch.detection import pad_targets
+
 __all__ = [
     "Batch",
     "CocoDetection",
@@ -311,13 +313,7 @@ def collate(samples, size_divisibility: int = 32) -> Batch:
         batch[i, :, : im.shape[1], : im.shape[2]] = im
         pad_mask[i, : im.shape[1], : im.shape[2]] = False
     image_sizes = torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.long)
-    G = max((len(t["labels"]) for t in targets), default=0)
-    gt_boxes = torch.zeros(len(targets), G, 4)
-    gt_labels = torch.zeros(len(targets), G, dtype=torch.long)
-    gt_mask = torch.zeros(len(targets), G, dtype=torch.bool)
-    for i, t in enumerate(targets):
-        n = len(t["labels"])
-        gt_boxes[i, :n], gt_labels[i, :n], gt_mask[i, :n] = t["boxes"], t["labels"], True
+    gt_boxes, gt_labels, gt_mask = pad_targets(targets)
     return Batch(
         images=batch,
         pad_mask=pad_mask,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from detectors.common.dist import global_count
-from uotmatch.detection import SetMatcher, SetTargets, box_xyxy_to_cxcywh
+from uotmatch.detection import PAD_BOX, SetMatcher, SetTargets, box_xyxy_to_cxcywh
 from uotmatch.detection.losses import (
     loss_weights,
     plan_box_losses,
@@ -52,7 +52,7 @@ def detr_targets(batch: Mapping) -> SetTargets:
     h, w = batch["image_sizes"].unbind(-1)  # [B]
     scale = torch.stack([w, h, w, h], -1)[:, None, :].to(batch["gt_boxes"].dtype)  # [B, 1, 4]
     boxes = box_xyxy_to_cxcywh(batch["gt_boxes"]) / scale
-    boxes = torch.where(batch["gt_mask"][..., None], boxes, boxes.new_tensor([0.5, 0.5, 1, 1]))
+    boxes = torch.where(batch["gt_mask"][..., None], boxes, boxes.new_tensor(PAD_BOX))
     return SetTargets(batch["gt_labels"], boxes, batch["gt_mask"])
 
 
@@ -164,7 +164,7 @@ class SetCriterion(nn.Module):
             count = (logits.sigmoid().amax(-1) > 0.5).sum(1)
         else:
             count = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
-        n = targets.mask.sum(1)
+        n = targets.gt_mask.sum(1)
         return {"cardinality_error": (count - n).abs().float().mean()}
 
     # -- the whole criterion ---------------------------------------------------------------------
@@ -175,7 +175,7 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         targets = SetTargets.coerce(targets, device)
         self.unconverged = 0  # matchings (an image at one decoder layer) that missed tol
-        num_boxes = global_count(targets.mask.sum())
+        num_boxes = global_count(targets.gt_mask.sum())
         layers = [("", outputs)] + [
             (f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))
         ]

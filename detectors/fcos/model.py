@@ -11,13 +11,12 @@ from torchvision.ops import FeaturePyramidNetwork, batched_nms
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from detectors.common.backbone import ResNet
-from uotmatch.detection import anchor_points
+from uotmatch.detection import STRIDES, anchor_points
 from uotmatch.detection.boxes import ltrb_to_boxes
 
 __all__ = ["FCOS", "FCOSHead"]
 
 #: P3-P7.
-STRIDES = (8, 16, 32, 64, 128)
 #: Initial foreground probability of the classification branch (focal-loss prior).
 PRIOR_PROB = 0.01
 GROUP_NORM_GROUPS = 32

@@ -12,9 +12,9 @@ by the scaling algorithm.
 import math
 
 import matplotlib.pyplot as plt
+from figure1 import BACKGROUND_COST, COST, GROUND_TRUTHS, REGIMES, hard_matches
 
 import uotmatch
-from uotmatch.figure1 import BACKGROUND_COST, COST, GROUND_TRUTHS, REGIMES, hard_matches
 
 print(COST)
 

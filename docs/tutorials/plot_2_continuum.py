@@ -81,12 +81,12 @@ plt.show()
 # Large ε spreads every prediction's mass over all ground truths (high entropy); as ε shrinks
 # the plan concentrates onto the Hungarian matching, which ε = 0 returns exactly.
 epss = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.0]
-exact = uotmatch.match(cost, 0.0, background_cost=BACKGROUND).assignment()
+exact = uotmatch.match(cost, 0.0, background_cost=BACKGROUND).gt_index()
 rows, agree = [], []
 for eps in epss:
     m = uotmatch.match(cost, eps, background_cost=BACKGROUND)
     rows.append(summary(m))
-    agree.append(float((m.assignment() == exact).float().mean()))
+    agree.append(float((m.gt_index() == exact).float().mean()))
     print(f"eps={eps:<6g} entropy {rows[-1][1]:7.2f}  agreement with Hungarian {agree[-1]:.2f}")
 
 fig, axes = plt.subplots(3, 1, figsize=(7, 9), sharex=True)

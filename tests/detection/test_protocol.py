@@ -194,3 +194,28 @@ def test_bad_matcher_inputs_name_what_is_wrong():
             matcher(outputs, wrong)
         with pytest.raises(ValueError, match="must be torch tensors"):
             matcher(outputs, [{"labels": [0], "boxes": [[0.5, 0.5, 0.2, 0.2]]}])
+
+
+def test_pad_targets_pads_each_image_in_order():
+    from uotmatch.detection import PAD_BOX, SetTargets, pad_targets
+
+    targets = [
+        {"labels": torch.tensor([3, 1]), "boxes": torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]])},
+        {"class_labels": torch.tensor([2]), "boxes": torch.tensor([[9.0, 9, 9, 9]])},
+        {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+    ]
+    boxes, labels, gt_mask = pad_targets(targets)
+    assert labels.tolist() == [[3, 1], [2, 0], [0, 0]]
+    assert gt_mask.tolist() == [[True, True], [True, False], [False, False]]
+    assert boxes.tolist() == [
+        [[1, 2, 3, 4], [5, 6, 7, 8]],
+        [[9, 9, 9, 9], [0, 0, 0, 0]],
+        [[0, 0, 0, 0], [0, 0, 0, 0]],
+    ]
+    t = SetTargets.from_list(targets)  # the matchers' padding: PAD_BOX
+    assert t.boxes[1, 1].tolist() == list(PAD_BOX) and torch.equal(t.gt_mask, gt_mask)
+    assert pad_targets([])[0].shape == (0, 0, 4)
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\] must be \[2, 4\]"):
+        pad_targets([{"labels": torch.tensor([1, 2]), "boxes": torch.zeros(3, 4)}])
+    with pytest.raises(ValueError, match="integer class indices"):
+        pad_targets([{"labels": torch.tensor([1.0]), "boxes": torch.zeros(1, 4)}])

@@ -15,8 +15,9 @@ from uotmatch.detection import ATSSAssigner, FCOSAssigner, SimOTAAssigner
 from uotmatch.detection.boxes import box_iou
 
 
-def yolox_simota(points, strides, logits, pred, gt_boxes, gt_labels, version="0.3"):
-    """One image, as YOLOX's get_assignments + dynamic_k_matching (no objectness branch):
+def yolox_simota(points, strides, logits, pred, gt_boxes, gt_labels, version="0.3", obj=None):
+    """One image, as YOLOX's get_assignments + dynamic_k_matching (with ``obj [A, 1]``, its
+    objectness branch: ``sqrt(sigmoid(cls) * sigmoid(obj))``):
     version "0.3" (YOLOX 0.3.0: in some box or centre square of radius 2.5, penalty 1e5 unless
     in both) or "2023" (its 2023 geometry constraint: the centre square of radius 1.5 alone,
     penalty 1e6)."""
@@ -64,8 +65,11 @@ def yolox_simota(points, strides, logits, pred, gt_boxes, gt_labels, version="0.
     ious = box_iou(gt_boxes, pred[fg_mask])
     nfg = int(fg_mask.sum())
     gt_cls = F.one_hot(gt_labels, K).float()
+    scores = logits.float().sigmoid()
+    if obj is not None:
+        scores = (scores * obj.float().sigmoid()).sqrt()
     cls = F.binary_cross_entropy(
-        logits[fg_mask].sigmoid()[None].repeat(G, 1, 1),
+        scores[fg_mask][None].repeat(G, 1, 1),
         gt_cls[:, None].repeat(1, nfg, 1),
         reduction="none",
     ).sum(-1)
@@ -147,6 +151,45 @@ def test_simota_equals_yolox(device, seed, geometry, saturated):
             points, strides, logits[b], pred[b], gt_boxes[b][real], gt_labels[b][real], version
         )
         assert r.gt_index[b].tolist() == ref.tolist()
+
+
+@given(st.integers(0, 10_000))
+def test_simota_with_objectness_equals_yolox(device, seed):
+    """The shared call's ``obj_logits`` scores as YOLOX's objectness branch does."""
+    points, strides, logits, pred, gt_boxes, gt_labels, gt_mask = scene(seed, B=2, G=4)
+    obj = torch.randn(2, len(points), 1, generator=torch.Generator().manual_seed(seed)) * 3
+    inputs = as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask)
+    r = on("cpu", SimOTAAssigner()(**on(device, inputs), obj_logits=obj.to(device)))
+    for b in range(2):
+        real = gt_mask[b]
+        ref = yolox_simota(
+            points, strides, logits[b], pred[b], gt_boxes[b][real], gt_labels[b][real], obj=obj[b]
+        )
+        assert r.gt_index[b].tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("name", ["ota", "uot", "fcos", "atss"])
+def test_assigners_that_do_not_read_objectness_refuse_it(name):
+    from uotmatch.detection import build_assigner
+
+    points, strides, logits, pred, gt_boxes, gt_labels, gt_mask = scene(0, B=1, G=2)
+    inputs = as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask)
+    assigner = build_assigner(name)
+    assert "obj_logits" not in assigner.uses
+    with pytest.raises(ValueError, match="obj_logits: .* does not read it"):
+        assigner(**inputs, obj_logits=torch.zeros(1, len(points), 1))
+
+
+def test_objectness_is_validated():
+    points, strides, logits, pred, gt_boxes, gt_labels, gt_mask = scene(0, B=1, G=2)
+    inputs = as_inputs(points, strides, logits, pred, gt_boxes, gt_labels, gt_mask)
+    A = len(points)
+    with pytest.raises(ValueError, match=rf"obj_logits must be a \[B, A, 1\] = \[1, {A}, 1\]"):
+        SimOTAAssigner()(**inputs, obj_logits=torch.zeros(1, A))
+    with pytest.raises(ValueError, match="obj_logits must be finite"):
+        SimOTAAssigner()(**inputs, obj_logits=torch.full((1, A, 1), math.nan))
+    with pytest.raises(ValueError, match="obj_logits must have a floating dtype"):
+        SimOTAAssigner()(**inputs, obj_logits=torch.zeros(1, A, 1, dtype=torch.long))
 
 
 def test_saturated_scores_follow_torchs_bce_not_a_probability_clamp():

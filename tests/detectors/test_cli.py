@@ -51,6 +51,7 @@ def run_dir(trained, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(data, run_dir, tmp_path):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     # bad inputs: refused before anything is touched
@@ -88,6 +89,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(data, ru
     assert [r["epoch"] for r in records] == [1] and records[0]["run"] != old
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings_unless_accepted(data, run_dir):
     common = ["--data", str(data), "--out", str(run_dir), "--resume", "--epochs", "2", *SMALL]
     line = _one_line(_run(*FCOS, *common, "--assigner", "atss"))
@@ -101,6 +103,7 @@ def test_resume_refuses_changed_settings_unless_accepted(data, run_dir):
     assert second["changed"] == {"assigner": ["ota", "atss"]} and "changed" not in first
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_and_leave_nothing_behind(data, tmp_path):
     out = tmp_path / "out"
     line = _one_line(_run(*FCOS, "--data", str(data), "--out", str(out), "--depth", "19"))
@@ -124,6 +127,7 @@ def test_a_missing_extra_is_one_line(tmp_path):
     assert "torchvision" in line and "pip install -e '.[detectors]'" in line
 
 
+@pytest.mark.slow
 def test_one_line_per_epoch_in_a_log(data, tmp_path):
     out = tmp_path / "run"
     argv = ["--data", str(data), "--out", str(out), "--epochs", "2"]

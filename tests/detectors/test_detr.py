@@ -183,7 +183,7 @@ def test_targets_are_padded_once_from_the_batch():
     }
     t = detr_targets(batch)
     assert isinstance(t, SetTargets) and t.labels.tolist() == [[3, 0]]
-    assert t.mask.tolist() == [[True, False]]
+    assert t.gt_mask.tolist() == [[True, False]]
     torch.testing.assert_close(t.boxes[0, 0], torch.tensor([0.25, 0.25, 0.5, 0.5]))
     # the same targets as DETR's list of dicts give the same losses
     outputs, targets = _hand_case()
@@ -245,7 +245,7 @@ def test_uot_hard_loss_trains_the_boxes_from_the_first_step(data, extra):
     targets = detr_targets(batch)
     outputs = model(batch["images"], batch["pad_mask"])
     pairs = criterion.matcher(outputs, targets)
-    for (_, gt), real in zip(pairs, targets.mask, strict=True):
+    for (_, gt), real in zip(pairs, targets.gt_mask, strict=True):
         assert sorted(gt.tolist()) == torch.nonzero(real).flatten().tolist()  # each, once
     losses = criterion(outputs, targets)
     assert losses["loss_bbox"] > 0 and losses["loss_giou"] > 0
@@ -254,6 +254,7 @@ def test_uot_hard_loss_trains_the_boxes_from_the_first_step(data, extra):
     assert head is not None and head.abs().sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["", "uot-paper"])
 def test_loss_decreases_on_one_batch(data, preset):
     """Both matchings learn: 40 AdamW steps on one batch of 4 images cut the loss by a fifth
@@ -276,6 +277,7 @@ def test_loss_decreases_on_one_batch(data, preset):
     assert history[-1] < 0.8 * history[0], history
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_weights(data, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     common = ["--data", str(data), "--eval-every", "0", "--preset", "uot-paper", "--lr-drop", "1"]
@@ -337,6 +339,7 @@ def test_bad_input(data, tmp_path, capsys):
     assert "is not a detectors.detr.train training checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @linux_only
 def test_two_process_gloo_run(data, tmp_path):
     out = tmp_path / "ddp"

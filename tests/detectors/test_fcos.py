@@ -44,6 +44,7 @@ def test_outputs(tiny_batch, device):
     assert len(dets) == 4 and all(d["boxes"].shape[-1] == 4 for d in dets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ASSIGNERS))
 def test_every_assigner_trains(name, tiny_batch, device):
     model = _model().to(device)

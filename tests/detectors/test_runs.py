@@ -186,10 +186,10 @@ def test_evaluate_cli_help_and_defaults(capsys):
 
 
 def test_figure1_help(capsys):
-    from uotmatch import figure1
+    from tests.test_limits import figure1
 
     with pytest.raises(SystemExit) as exc:
         figure1.main(["--help"])
     assert exc.value.code == 0
-    assert "usage: python -m uotmatch.figure1" in capsys.readouterr().out
+    assert "usage: python docs/examples/figure1.py" in capsys.readouterr().out
     torch.manual_seed(0)

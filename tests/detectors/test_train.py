@@ -29,6 +29,7 @@ def test_train_evaluate_and_log(data, tmp_path, capsys):
     assert again == pytest.approx(metrics)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_weights(data, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     fcos_train.main(
@@ -93,6 +94,7 @@ def test_bad_input(data, tmp_path, capsys):
     assert "none.pth does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @linux_only
 def test_two_process_gloo_run(data, tmp_path):
     out = tmp_path / "ddp"

@@ -79,6 +79,7 @@ def test_every_group_pairs_every_target(built):
             assert sorted(gt[inside].tolist()) == list(range(n))
 
 
+@pytest.mark.slow
 def test_a_few_training_steps_with_the_uot_matcher(built):
     model, make_criterion = built
     criterion = use_matcher(make_criterion(), UOTMatcher(focal=True, cost_class=2.0))

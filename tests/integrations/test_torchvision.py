@@ -65,6 +65,7 @@ def _train(model, samples, steps=4, batch=4):
     return history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "assigner",
     [OTAAssigner(), UOTAssigner(eps=0.1, tau1=10.0, tau2=1.0)],

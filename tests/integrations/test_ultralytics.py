@@ -126,6 +126,7 @@ def test_task_assigner_answers_as_task_aligned_assigner(assigner):
         assert g.shape == e.shape and g.dtype == e.dtype
 
 
+@pytest.mark.slow
 def test_yolov8n_trains_an_epoch_with_ota(tmp_path):
     coco = tmp_path / "cb"
     colorboxes.generate(coco, train=16, val=8, size=96, crowded=True, progress=False)
@@ -186,6 +187,7 @@ def test_rtdetr_loss_with_hungarian_is_the_stock_loss(seed):
         assert float(ours[key]) == pytest.approx(float(value), rel=1e-6, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_rtdetr_trains_with_the_uot_matcher(tmp_path):
     """``rtdetr_trainer``: an epoch of RT-DETR-L on Color Boxes, every matching ours (the stock
     matcher never runs), every target paired; the checkpoint needs no uotmatch."""

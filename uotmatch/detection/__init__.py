@@ -9,22 +9,23 @@ truths padded, with a mask) and runs without gradients. The costs are in
 :mod:`uotmatch.detection.costs`, the box operations in :mod:`uotmatch.detection.boxes`.
 """
 
-from uotmatch.detection._dense import (
-    INSIDE_MARGIN,
-    INSIDE_MARGIN_STRICT,
+from uotmatch.detection._contracts import (
+    PAD_BOX,
     AssignResult,
     DenseAssigner,
+    DenseInputs,
+    SetMatcher,
+    SetTargets,
+    pad_targets,
+)
+from uotmatch.detection._geometry import (
+    INSIDE_MARGIN,
+    INSIDE_MARGIN_STRICT,
+    STRIDES,
     anchor_points,
     feature_sizes,
 )
-from uotmatch.detection._matchers import (
-    GroupedMatcher,
-    HungarianMatcher,
-    SetMatcher,
-    SetTargets,
-    UOTMatcher,
-    set_matching_cost,
-)
+from uotmatch.detection._matchers import GroupedMatcher, HungarianMatcher, UOTMatcher
 from uotmatch.detection._ota import CENTER_PRIOR_PENALTY, OTAAssigner, UOTAssigner, decode_plan
 from uotmatch.detection._registry import (
     ASSIGNERS,
@@ -50,6 +51,7 @@ from uotmatch.detection.boxes import (
     ltrb_to_boxes,
     points_to_ltrb,
 )
+from uotmatch.detection.costs import set_matching_cost
 
 __all__ = [
     "ASSIGNERS",
@@ -57,11 +59,14 @@ __all__ = [
     "INSIDE_MARGIN",
     "INSIDE_MARGIN_STRICT",
     "MATCHERS",
+    "PAD_BOX",
+    "STRIDES",
     "SIMOTA_GEOMETRIES",
     "ATSSAssigner",
     "GroupedMatcher",
     "AssignResult",
     "DenseAssigner",
+    "DenseInputs",
     "FCOSAssigner",
     "HungarianMatcher",
     "OTAAssigner",
@@ -84,6 +89,7 @@ __all__ = [
     "generalized_box_iou",
     "ltrb_to_boxes",
     "options_of",
+    "pad_targets",
     "points_to_ltrb",
     "set_matching_cost",
 ]

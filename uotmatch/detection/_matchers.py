@@ -1,12 +1,12 @@
 """DETR-style set matchers: Hungarian (exact one-to-one) and UOT (any regime, soft plan), with
-one contract: ``matcher(outputs, targets) -> [(pred_idx, gt_idx), ...]`` as DETR's, and
-``matcher.solve(outputs, targets) -> Matching`` with the plan (Hungarian's is 0/1)."""
+one contract (:class:`~uotmatch.detection.SetMatcher`): ``matcher(outputs, targets) -> [(pred_idx,
+gt_idx), ...]`` as DETR's, and ``matcher.solve(outputs, targets) -> Matching`` with the plan
+(Hungarian's is 0/1); :class:`GroupedMatcher` for group DETR."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -14,244 +14,13 @@ from torch import Tensor, nn
 
 import uotmatch
 from uotmatch import _checks
-from uotmatch._decode import DECODINGS
 from uotmatch._exact import linear_sum_assignment_or_raise
 from uotmatch._match import MAX_ITER, TOL
 from uotmatch._result import Matching
-from uotmatch.detection.costs import DETR_FOCAL_EPS, detr_box_costs, detr_class_cost
+from uotmatch.detection._contracts import Pairs, SetMatcher, SetTargets, logits_key
+from uotmatch.detection.costs import DETR_FOCAL_EPS
 
-__all__ = [
-    "GroupedMatcher",
-    "HungarianMatcher",
-    "SetMatcher",
-    "SetTargets",
-    "UOTMatcher",
-    "set_matching_cost",
-]
-
-Pairs = list[tuple[Tensor, Tensor]]
-#: The padding box of :class:`SetTargets` (a valid normalised cxcywh box; never matched).
-PAD_BOX = (0.5, 0.5, 1.0, 1.0)
-#: The targets' class key: DETR's, then Hugging Face transformers'.
-_LABEL_KEYS = ("labels", "class_labels")
-#: The outputs' logits key: DETR's, then Hugging Face transformers'.
-_LOGIT_KEYS = ("pred_logits", "logits")
-
-
-@dataclass
-class SetTargets:
-    """DETR targets padded once per batch: ``labels [B, G]`` int64, ``boxes [B, G, 4]``
-    (normalised cxcywh, as DETR), ``mask [B, G]`` bool (True on real targets, anywhere).
-
-    The matchers and the bundled criterion take these directly; a DETR list of dicts is
-    converted with :meth:`from_list` (what the matchers do when given one).
-    """
-
-    labels: Tensor
-    boxes: Tensor
-    mask: Tensor
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    @classmethod
-    def from_list(
-        cls, targets: Sequence[Mapping[str, Tensor]], device: torch.device | str | None = None
-    ) -> SetTargets:
-        """DETR's ``[{"labels": [n_i], "boxes": [n_i, 4]}, ...]`` padded to ``G = max n_i``
-        (Hugging Face's ``"class_labels"`` is read as ``"labels"``)."""
-        if not isinstance(targets, Sequence) or isinstance(targets, str | bytes):
-            raise ValueError(f"targets must be a list of dicts, got {type(targets).__name__}")
-        sizes, labels_of = [], []
-        for i, t in enumerate(targets):
-            key = _LABEL_KEYS[0] if isinstance(t, Mapping) and _LABEL_KEYS[0] in t else None
-            key = key or next((k for k in _LABEL_KEYS if isinstance(t, Mapping) and k in t), None)
-            if key is None or "boxes" not in t:
-                raise ValueError(
-                    f"targets[{i}] must be a dict with 'labels' (or Hugging Face's "
-                    "'class_labels') and 'boxes'"
-                )
-            labels, boxes = t[key], t["boxes"]
-            if not isinstance(labels, Tensor) or not isinstance(boxes, Tensor):
-                raise ValueError(f"targets[{i}]['{key}'] and ['boxes'] must be torch tensors")
-            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-                raise ValueError(
-                    f"targets[{i}]['{key}'] must hold integer class indices, got {labels.dtype}"
-                )
-            n = len(labels)
-            if tuple(boxes.shape) != (n, 4):
-                raise ValueError(
-                    f"targets[{i}]['boxes'] must be [{n}, 4] to match its {n} labels, "
-                    f"got {tuple(boxes.shape)}"
-                )
-            sizes.append(n)
-            labels_of.append(labels)
-        B, G = len(targets), max(sizes, default=0)
-        labels = torch.zeros(B, G, dtype=torch.long, device=device)
-        boxes = torch.tensor(PAD_BOX, device=device).repeat(B, G, 1)
-        mask = torch.zeros(B, G, dtype=torch.bool, device=device)
-        for i, (t, n) in enumerate(zip(targets, sizes, strict=True)):
-            labels[i, :n] = labels_of[i].to(device=device, dtype=torch.long)
-            boxes[i, :n] = t["boxes"].to(device=device, dtype=boxes.dtype)
-            mask[i, :n] = True
-        return cls(labels, boxes, mask)
-
-    @classmethod
-    def coerce(cls, targets, device) -> SetTargets:
-        """``targets`` as :class:`SetTargets` on ``device`` (a list of dicts is padded)."""
-        if isinstance(targets, SetTargets):
-            return targets
-        return cls.from_list(targets, device)
-
-
-def set_matching_cost(
-    pred_logits: Tensor,
-    pred_boxes: Tensor,
-    labels: Tensor,
-    boxes: Tensor,
-    cost_class: float = 1.0,
-    cost_bbox: float = 5.0,
-    cost_giou: float = 2.0,
-    focal: bool = False,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    focal_eps: float = DETR_FOCAL_EPS,
-) -> Tensor:
-    """DETR's matching cost, batched: ``[B, Q, G]``.
-
-    ``cost_class * class cost`` (:func:`~uotmatch.detection.costs.detr_class_cost`: softmax
-    ``-p(target class)``, or with ``focal`` Deformable-DETR's focal cost) ``+ cost_bbox *
-    L1(cxcywh) + cost_giou * (-GIoU)``.
-
-    Args:
-        pred_logits: ``[B, Q, K]`` (``K`` includes no-object for softmax).
-        pred_boxes: ``[B, Q, 4]`` normalised cxcywh.
-        labels: ``[B, G]`` int64; boxes: ``[B, G, 4]`` normalised cxcywh.
-    """
-    cls = detr_class_cost(pred_logits, labels, focal, focal_alpha, focal_gamma, focal_eps)
-    l1, giou = detr_box_costs(pred_boxes, boxes)
-    return cost_bbox * l1 + cost_class * cls - cost_giou * giou
-
-
-def _check_outputs(outputs: Mapping[str, Tensor], targets: SetTargets, focal: bool):
-    key = next((k for k in _LOGIT_KEYS if isinstance(outputs, Mapping) and k in outputs), None)
-    if key is None or "pred_boxes" not in outputs:
-        raise ValueError(
-            "outputs must be a dict with 'pred_logits' (or Hugging Face's 'logits') and "
-            "'pred_boxes'"
-        )
-    logits, boxes = outputs[key], outputs["pred_boxes"]
-    if not isinstance(logits, Tensor) or not isinstance(boxes, Tensor):
-        raise ValueError(f"outputs['{key}'] and outputs['pred_boxes'] must be tensors")
-    if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape[-1] != 4:
-        raise ValueError(
-            f"outputs['{key}'] must be [B, Q, K] and outputs['pred_boxes'] [B, Q, 4], got "
-            f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
-        )
-    if logits.shape[:2] != boxes.shape[:2] or logits.shape[0] != len(targets):
-        raise ValueError(
-            f"batch and query sizes must agree: {key} {tuple(logits.shape[:2])}, "
-            f"pred_boxes {tuple(boxes.shape[:2])}, {len(targets)} targets"
-        )
-    # Labels index the class logits: [0, K) with focal, [0, K - 1) with softmax (no-object last).
-    K = logits.shape[-1] - (0 if focal else 1)
-    real = targets.mask
-    bad_label = ((targets.labels < 0) | (targets.labels >= K)) & real
-    wh = targets.boxes[..., 2:]
-    bad_box = ~(torch.isfinite(targets.boxes).all(-1) & (wh >= 0).all(-1)) & real
-    ok = torch.stack(
-        [
-            torch.isfinite(logits).all(),
-            torch.isfinite(boxes).all(),
-            ~bad_box.any(),
-            ~bad_label.any(),
-        ]
-    ).tolist()
-    if not ok[0]:
-        raise ValueError(f"outputs['{key}'] must be finite (it holds NaN or inf)")
-    if not ok[1]:
-        raise ValueError("outputs['pred_boxes'] must be finite (it holds NaN or inf)")
-    if not ok[2]:
-        b, g = (int(i) for i in torch.nonzero(bad_box)[0])
-        raise ValueError(
-            f"targets[{b}]['boxes'][{g}] = {targets.boxes[b, g].tolist()}: expected a finite "
-            "normalised (cx, cy, w, h) box with w >= 0 and h >= 0"
-        )
-    if not ok[3]:
-        b, g = (int(i) for i in torch.nonzero(bad_label)[0])
-        what = "focal: K sigmoid logits" if focal else "softmax: K + 1 logits, no-object last"
-        raise ValueError(
-            f"targets[{b}]['labels'][{g}] = {int(targets.labels[b, g])} is not a class of "
-            f"{key} ([0, {K}) for {what})"
-        )
-    return logits, boxes
-
-
-class SetMatcher(nn.Module):
-    """The contract of the set matchers (DETR's): ``matcher(outputs, targets)`` returns per
-    image a pair ``(pred_idx, gt_idx)`` of int64 CPU tensors sorted by prediction, and
-    ``matcher.solve(outputs, targets)`` the :class:`~uotmatch.Matching` they come from (its
-    plan ``[B, Q, G (+1)]``; the last column, when there is one, is the background). The pairs
-    are the plan decoded by ``decode`` (:meth:`uotmatch.Matching.pairs`).
-
-    ``outputs``: ``{"pred_logits": [B, Q, K(+1)], "pred_boxes": [B, Q, 4]}`` (normalised
-    cxcywh; Hugging Face's ``"logits"`` is read as ``"pred_logits"``); ``targets``: DETR's list
-    of dicts (``"labels"`` or Hugging Face's ``"class_labels"``, and ``"boxes"``), or
-    :class:`SetTargets`.
-    """
-
-    def __init__(
-        self,
-        *,
-        cost_class: float,
-        cost_bbox: float,
-        cost_giou: float,
-        focal: bool,
-        focal_alpha: float,
-        focal_gamma: float,
-        focal_eps: float,
-        decode: str,
-    ):
-        super().__init__()
-        self.cost_class = _checks.real("cost_class", cost_class, low=0.0)
-        self.cost_bbox = _checks.real("cost_bbox", cost_bbox, low=0.0)
-        self.cost_giou = _checks.real("cost_giou", cost_giou, low=0.0)
-        if self.cost_class == 0 and self.cost_bbox == 0 and self.cost_giou == 0:
-            raise ValueError("cost_class, cost_bbox and cost_giou cannot all be 0")
-        self.focal = _checks.boolean("focal", focal)
-        self.focal_alpha = _checks.real("focal_alpha", focal_alpha, low=0.0, high=1.0)
-        self.focal_gamma = _checks.real("focal_gamma", focal_gamma, low=0.0)
-        self.focal_eps = _checks.real("focal_eps", focal_eps, low=0.0)
-        self.decode = _checks.choice("decode", decode, DECODINGS)
-
-    def cost(self, outputs, targets) -> tuple[Tensor, SetTargets]:
-        """The batched matching cost ``[B, Q, G]`` and the padded targets."""
-        key = next((k for k in _LOGIT_KEYS if isinstance(outputs, Mapping) and k in outputs), None)
-        logits = outputs[key] if key else None
-        device = logits.device if isinstance(logits, Tensor) else None
-        targets = SetTargets.coerce(targets, device)
-        logits, boxes = _check_outputs(outputs, targets, self.focal)
-        C = set_matching_cost(
-            logits,
-            boxes,
-            targets.labels,
-            targets.boxes,
-            self.cost_class,
-            self.cost_bbox,
-            self.cost_giou,
-            self.focal,
-            self.focal_alpha,
-            self.focal_gamma,
-            self.focal_eps,
-        )
-        return C, targets
-
-    @torch.no_grad()
-    def solve(self, outputs, targets) -> Matching:
-        raise NotImplementedError
-
-    def forward(self, outputs, targets) -> Pairs:
-        return self.solve(outputs, targets).pairs(self.decode)
+__all__ = ["GroupedMatcher", "HungarianMatcher", "UOTMatcher"]
 
 
 def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, max_iter, tol):
@@ -328,20 +97,20 @@ class HungarianMatcher(SetMatcher):
         (``uotmatch._exact``'s, which names an infeasible image)."""
         C, targets = self.cost(outputs, targets)
         B, Q, G = C.shape
-        plan = np.zeros((B, Q, G + 1), dtype=np.float32)
-        plan[:, :, G] = 1.0
-        costs, mask = C.cpu().numpy(), targets.mask.cpu().numpy()
+        hard = np.zeros((B, Q, G + 1), dtype=np.float32)
+        hard[:, :, G] = 1.0
+        costs, mask = C.cpu().numpy(), targets.gt_mask.cpu().numpy()
         for i in range(B):
             cols = np.flatnonzero(mask[i])
             if cols.size:
                 r, c = linear_sum_assignment_or_raise(costs[i][:, cols], item=i)
-                plan[i, r, cols[c]] = 1.0
-                plan[i, r, G] = 0.0
-        plan = torch.from_numpy(plan).to(C.device)
+                hard[i, r, cols[c]] = 1.0
+                hard[i, r, G] = 0.0
+        plan = torch.from_numpy(hard).to(C.device)
         ones = torch.ones(B, dtype=torch.bool, device=C.device)
 
         def potentials() -> tuple[Tensor, Tensor]:  # the exact duals, computed when asked for
-            m = _solve_sets(C, targets.mask, 0.0, math.inf, math.inf, 0.0, MAX_ITER, TOL)
+            m = _solve_sets(C, targets.gt_mask, 0.0, math.inf, math.inf, 0.0, MAX_ITER, TOL)
             return m.f, m.g
 
         return Matching(
@@ -352,7 +121,7 @@ class HungarianMatcher(SetMatcher):
             status=["converged"] * B,
             has_background=True,
             potentials=potentials,
-            real=targets.mask,
+            gt_mask=targets.gt_mask,
         )
 
 
@@ -441,11 +210,11 @@ class UOTMatcher(SetMatcher):
         """The batched matching: plan ``[B, Q, G(+1)]`` with ``G = max`` targets per image."""
         C, targets = self.cost(outputs, targets)
         if self.normalize_cost and C.numel():
-            scale = C.masked_fill(~targets.mask[:, None, :], 0).abs().amax((1, 2), keepdim=True)
+            scale = C.masked_fill(~targets.gt_mask[:, None, :], 0).abs().amax((1, 2), keepdim=True)
             C = C / scale.clamp_min(torch.finfo(C.dtype).tiny)
         return _solve_sets(
             C,
-            targets.mask,
+            targets.gt_mask,
             self.eps,
             self.tau1,
             self.tau2,
@@ -481,7 +250,7 @@ class GroupedMatcher(nn.Module):
         """The outputs ``[B * g, Q / g, ...]`` and targets (each image's repeated ``g`` times)
         of the group problems."""
         group_detr = _checks.integer("group_detr", group_detr, low=1)
-        key = next((k for k in _LOGIT_KEYS if isinstance(outputs, Mapping) and k in outputs), None)
+        key = logits_key(outputs)
         if key is None or "pred_boxes" not in outputs:
             raise ValueError(
                 "outputs must be a dict with 'pred_logits' (or Hugging Face's 'logits') and "
@@ -505,7 +274,7 @@ class GroupedMatcher(nn.Module):
         repeated = SetTargets(
             t.labels.repeat_interleave(group_detr, 0),
             t.boxes.repeat_interleave(group_detr, 0),
-            t.mask.repeat_interleave(group_detr, 0),
+            t.gt_mask.repeat_interleave(group_detr, 0),
         )
         return grouped, repeated
 
@@ -519,8 +288,8 @@ class GroupedMatcher(nn.Module):
     def pairs(self, m: Matching, group_detr: int) -> Pairs:
         """Per image, the pairs of its groups' items of ``m`` (:meth:`solve`'s), concatenated
         in group order with each group's query indices offset by its start."""
-        pairs = m.pairs(self.matcher.decode)
-        q = m.plan.shape[1]
+        pairs = cast(Pairs, m.pairs(self.matcher.decode))  # torch in: tensors
+        q = cast(Tensor, m.plan).shape[1]
         out = []
         for b in range(len(pairs) // group_detr):
             parts = pairs[b * group_detr : (b + 1) * group_detr]

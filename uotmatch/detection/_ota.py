@@ -12,16 +12,18 @@ from uotmatch import _checks
 from uotmatch._decode import decode_rows
 from uotmatch._match import MAX_ITER
 from uotmatch._rows import candidate_rows, gather_rows
-from uotmatch.detection._dense import (
-    INSIDE_MARGIN,
+from uotmatch.detection._contracts import (
     AssignResult,
     DenseAssigner,
     DenseInputs,
+    result_from_index,
+    result_from_rows,
+)
+from uotmatch.detection._geometry import (
+    INSIDE_MARGIN,
     ensure_candidate,
     inside_boxes,
     inside_centre,
-    result_from_index,
-    scatter_rows,
 )
 from uotmatch.detection.boxes import box_iou
 from uotmatch.detection.costs import focal_terms, iou_cost
@@ -297,13 +299,8 @@ class UOTAssigner(DenseAssigner):
         # is 1 wherever some anchor was left out.
         left_out = (real.sum(1) < A).float()  # [B]
         sub_index = torch.where(real, decode_plan(m.plan, self.decode, left_out), -1)  # [B, L]
-        sub_iou = ious.gather(2, sub_index.clamp_min(0)[..., None]).squeeze(-1) * (sub_index >= 0)
-        return result_from_index(
-            scatter_rows(sub_index, idx, A, -1),
-            x.gt_labels,
-            x.gt_boxes,
-            anchor_ious=scatter_rows(sub_iou, idx, A, 0.0),
-            converged=m.converged,
+        return result_from_rows(
+            sub_index, idx, A, ious, x.gt_labels, x.gt_boxes, converged=m.converged
         )
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import inspect
 
-from uotmatch.detection._dense import DenseAssigner
-from uotmatch.detection._matchers import HungarianMatcher, SetMatcher, UOTMatcher
+from uotmatch.detection._contracts import DenseAssigner, SetMatcher
+from uotmatch.detection._matchers import HungarianMatcher, UOTMatcher
 from uotmatch.detection._ota import OTAAssigner, UOTAssigner
 from uotmatch.detection._rules import ATSSAssigner, FCOSAssigner, SimOTAAssigner
 
@@ -27,7 +27,7 @@ MATCHERS: dict[str, type[SetMatcher]] = {"hungarian": HungarianMatcher, "uot": U
 
 def options_of(cls: type) -> tuple[str, ...]:
     """The options (constructor keywords) of an assigner or matcher class, in order."""
-    params = inspect.signature(cls.__init__).parameters.values()
+    params = inspect.signature(cls).parameters.values()  # the constructor's, without self
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return tuple(p.name for p in params if p.kind in kinds and p.name != "self")
 

@@ -9,18 +9,19 @@ from torch import Tensor
 
 from uotmatch import _checks
 from uotmatch._rows import candidate_rows, gather_rows
-from uotmatch.detection._dense import (
-    INSIDE_MARGIN,
-    INSIDE_MARGIN_STRICT,
+from uotmatch.detection._contracts import (
     AssignResult,
     DenseAssigner,
     DenseInputs,
-    background_result,
+    result_from_index,
+    result_from_rows,
+)
+from uotmatch.detection._geometry import (
+    INSIDE_MARGIN,
+    INSIDE_MARGIN_STRICT,
     centre_distances,
     inside_boxes,
     inside_centre,
-    result_from_index,
-    scatter_rows,
     smallest_area,
 )
 from uotmatch.detection.boxes import box_iou, points_to_ltrb
@@ -74,7 +75,16 @@ class SimOTAAssigner(DenseAssigner):
         cls_weight, iou_weight: cost weights (YOLOX: 1 and 3).
     """
 
-    uses = ("points", "strides", "cls_logits", "pred_boxes", "gt_boxes", "gt_labels", "gt_mask")
+    uses = (
+        "points",
+        "strides",
+        "cls_logits",
+        "pred_boxes",
+        "gt_boxes",
+        "gt_labels",
+        "gt_mask",
+        "obj_logits",
+    )
 
     def __init__(
         self,
@@ -93,32 +103,7 @@ class SimOTAAssigner(DenseAssigner):
         self.cls_weight = _checks.real("cls_weight", cls_weight, low=0.0)
         self.iou_weight = _checks.real("iou_weight", iou_weight, low=0.0)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        *,
-        points: Tensor,
-        strides: Tensor,
-        cls_logits: Tensor,
-        pred_boxes: Tensor,
-        gt_boxes: Tensor,
-        gt_labels: Tensor,
-        gt_mask: Tensor | None = None,
-        obj_logits: Tensor | None = None,
-    ) -> AssignResult:
-        x = DenseInputs.check(points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask)
-        if obj_logits is not None:
-            B, A = cls_logits.shape[:2]
-            if not isinstance(obj_logits, Tensor) or tuple(obj_logits.shape) != (B, A, 1):
-                shape = tuple(obj_logits.shape) if isinstance(obj_logits, Tensor) else obj_logits
-                raise ValueError(f"obj_logits must be a [B, A, 1] = [{B}, {A}, 1] tensor: {shape}")
-            if not bool(torch.isfinite(obj_logits).all()):
-                raise ValueError("obj_logits must be finite (it holds NaN or inf)")
-        if x.empty:
-            return background_result(x)
-        return self._assign(x, obj_logits)
-
-    def _assign(self, x: DenseInputs, obj_logits: Tensor | None = None) -> AssignResult:
+    def _assign(self, x: DenseInputs) -> AssignResult:
         B, A = x.cls_logits.shape[:2]
         G = x.gt_boxes.shape[1]
         real_gt = x.gt_mask[:, None]
@@ -132,8 +117,8 @@ class SimOTAAssigner(DenseAssigner):
         idx, real = candidate_rows(considered.any(-1))  # [B, L]
         geometry = gather_rows(geometry, idx)
         prob = gather_rows(x.cls_logits, idx).float().sigmoid()
-        if obj_logits is not None:
-            prob = (prob * gather_rows(obj_logits, idx).float().sigmoid()).sqrt()
+        if x.obj_logits is not None:
+            prob = (prob * gather_rows(x.obj_logits, idx).float().sigmoid()).sqrt()
         cls, _ = bce_terms(prob, x.gt_labels)
         ious = box_iou(gather_rows(x.pred_boxes, idx), x.gt_boxes) * real[..., None]
         cost = self.cls_weight * cls + self.iou_weight * iou_cost(ious)
@@ -153,13 +138,7 @@ class SimOTAAssigner(DenseAssigner):
         multi = chosen.sum(-1) > 1
         sub_index = torch.where(multi, cost.argmin(-1), chosen.float().argmax(-1))
         sub_index = torch.where(chosen.any(-1), sub_index, -1)  # [B, L]
-        sub_iou = ious.gather(2, sub_index.clamp_min(0)[..., None]).squeeze(-1) * (sub_index >= 0)
-        return result_from_index(
-            scatter_rows(sub_index, idx, A, -1),
-            x.gt_labels,
-            x.gt_boxes,
-            anchor_ious=scatter_rows(sub_iou, idx, A, 0.0),
-        )
+        return result_from_rows(sub_index, idx, A, ious, x.gt_labels, x.gt_boxes)
 
 
 class FCOSAssigner(DenseAssigner):

@@ -18,6 +18,7 @@ from uotmatch.detection.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = [
     "DETR_FOCAL_EPS",
+    "set_matching_cost",
     "IOU_LOG_EPS",
     "IOU_LOG_FLOOR",
     "bce_terms",
@@ -123,3 +124,40 @@ def detr_box_costs(pred_boxes: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
     pb, tb = pred_boxes.float(), boxes.float()
     l1 = torch.cdist(pb, tb, p=1)
     return l1, generalized_box_iou(box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(tb))
+
+
+def set_matching_cost(
+    pred_logits: Tensor,
+    pred_boxes: Tensor,
+    labels: Tensor,
+    boxes: Tensor,
+    cost_class: float = 1.0,
+    cost_bbox: float = 5.0,
+    cost_giou: float = 2.0,
+    focal: bool = False,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    focal_eps: float = DETR_FOCAL_EPS,
+) -> Tensor:
+    """DETR's matching cost, batched: ``[B, Q, G]``.
+
+    ``cost_class * class cost`` (:func:`~uotmatch.detection.costs.detr_class_cost`: softmax
+    ``-p(target class)``, or with ``focal`` Deformable-DETR's focal cost) ``+ cost_bbox *
+    L1(cxcywh) + cost_giou * (-GIoU)``.
+
+    Args:
+        pred_logits: ``[B, Q, K]`` (``K`` includes no-object for softmax).
+        pred_boxes: ``[B, Q, 4]`` normalised cxcywh.
+        labels: ``[B, G]`` int64.
+        boxes: ``[B, G, 4]`` normalised cxcywh.
+        cost_class: weight of the class cost.
+        cost_bbox: weight of the L1 distance between the boxes.
+        cost_giou: weight of ``-GIoU``.
+        focal: the focal class cost (sigmoid logits, no no-object class) instead of softmax's.
+        focal_alpha: the focal cost's alpha.
+        focal_gamma: the focal cost's gamma.
+        focal_eps: inside its logs (Deformable-DETR's 1e-8; 0 for the exact focal cost).
+    """
+    cls = detr_class_cost(pred_logits, labels, focal, focal_alpha, focal_gamma, focal_eps)
+    l1, giou = detr_box_costs(pred_boxes, boxes)
+    return cost_bbox * l1 + cost_class * cls - cost_giou * giou

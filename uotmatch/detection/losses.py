@@ -12,6 +12,8 @@ The bundled DETR criterion (``detectors.detr.criterion``) and the Hugging Face i
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -27,11 +29,11 @@ def loss_weights(m: Matching, num_targets: int, decode: str | None = None) -> tu
     (``G = num_targets``, the padded target count): the plan itself (``decode=None``) or the
     0/1 plan of the pairs it decodes to (one of :data:`uotmatch.DECODINGS`). A query's
     background share is the plan's background column, or what its row leaves of its unit."""
-    plan = m.plan.float()
+    plan = cast(Tensor, m.plan).float()  # a set matcher's Matching holds tensors
     B, Q = plan.shape[:2]
     if decode is not None:
         hard = torch.zeros(B, Q, num_targets, device=plan.device)
-        for b, (pred, gt) in enumerate(m.pairs(decode)):
+        for b, (pred, gt) in enumerate(cast(list[tuple[Tensor, Tensor]], m.pairs(decode))):
             hard[b, pred.to(plan.device), gt.to(plan.device)] = 1.0
         return hard, (1 - hard.sum(-1)).clamp_min(0)
     if m.has_background:

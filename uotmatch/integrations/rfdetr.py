@@ -28,6 +28,8 @@ extra is not installed in CI).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from rfdetr.models.criterion import SetCriterion
 from torch import nn
@@ -79,10 +81,12 @@ class RFDETRMatcher(nn.Module):
 
     @property
     def matcher(self) -> SetMatcher:
+        """The uotmatch matcher inside."""
         return self.grouped.matcher
 
     @torch.no_grad()
     def forward(self, outputs, targets, group_detr: int = 1, **extra):
+        """RF-DETR's matcher call: per image, ``(query indices, target indices)``."""
         if extra:
             raise ValueError(f"RFDETRMatcher takes no further inputs, got {sorted(extra)}")
         if "pred_masks" in outputs or "pred_keypoints" in outputs:
@@ -92,7 +96,7 @@ class RFDETRMatcher(nn.Module):
             )
         self.calls += 1
         m = self.grouped.solve(outputs, targets, group_detr)
-        self.unconverged += int((~m.converged).sum())
+        self.unconverged += int((~cast(torch.Tensor, m.converged)).sum())
         return self.grouped.pairs(m, group_detr)
 
 
@@ -103,6 +107,7 @@ def use_matcher(target, matcher: SetMatcher | str = "uot", **options):
         target: RF-DETR's ``SetCriterion``, or its training module (with ``.criterion``).
         matcher: a :class:`~uotmatch.detection.SetMatcher`, or a name (``"uot"``,
             ``"hungarian"``) built by :func:`matcher_from_criterion` with ``options``.
+        **options: the named matcher's options (refused with a matcher instance).
 
     ``criterion.matcher`` is then an :class:`RFDETRMatcher`; calling this again replaces it.
     """
@@ -120,5 +125,6 @@ def use_matcher(target, matcher: SetMatcher | str = "uot", **options):
             f"{type(matcher).__name__}"
         )
     stock = criterion.matcher
-    criterion.matcher = RFDETRMatcher(matcher, stock=getattr(stock, "stock", stock))
+    # rfdetr annotates the attribute with its HungarianMatcher; ours takes the same call.
+    criterion.matcher = RFDETRMatcher(matcher, stock=getattr(stock, "stock", stock))  # type: ignore[assignment]
     return target

@@ -29,7 +29,7 @@ from torch import Tensor
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection._utils import BoxLinearCoder
 
-from uotmatch.detection import AssignResult, DenseAssigner
+from uotmatch.detection import AssignResult, DenseAssigner, pad_targets
 
 __all__ = ["use_assigner"]
 
@@ -77,27 +77,11 @@ class _NonNegativeTargets(BoxLinearCoder):
         return super().encode(reference_boxes, proposals).clamp_min(0)
 
 
-def _padded_targets(targets: Sequence[dict], device) -> tuple[Tensor, Tensor, Tensor]:
-    """torchvision's list of ``{"boxes", "labels"}`` as ``gt_boxes [B, G, 4]``, ``gt_labels
-    [B, G]``, ``gt_mask [B, G]`` (each image's targets first, in order)."""
-    B = len(targets)
-    G = max((len(t["labels"]) for t in targets), default=0)
-    gt_boxes = torch.zeros(B, G, 4, device=device)
-    gt_labels = torch.zeros(B, G, dtype=torch.long, device=device)
-    gt_mask = torch.zeros(B, G, dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        n = len(t["labels"])
-        gt_boxes[i, :n] = t["boxes"].to(gt_boxes.dtype)
-        gt_labels[i, :n] = t["labels"]
-        gt_mask[i, :n] = True
-    return gt_boxes, gt_labels, gt_mask
-
-
 def _assign(model, targets, cls_logits: Tensor, pred_boxes: Tensor, anchors, strides):
     """The assigner's ``gt_index`` per image (torchvision's ``matched_idxs``)."""
     anchors0 = anchors[0]
     points = (anchors0[:, :2] + anchors0[:, 2:]) / 2
-    gt_boxes, gt_labels, gt_mask = _padded_targets(targets, anchors0.device)
+    gt_boxes, gt_labels, gt_mask = pad_targets(targets, anchors0.device)
     result: AssignResult = model.uotmatch_assigner(
         points=points,
         strides=strides,

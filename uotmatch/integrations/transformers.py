@@ -36,6 +36,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import transformers
@@ -154,7 +155,7 @@ def _family(model: nn.Module) -> _Family:
 
 def _stock_loss(model: nn.Module) -> Callable:
     """The model's own loss function (under ours, when :func:`use_matcher` ran before)."""
-    loss = model.loss_function
+    loss = cast(Callable, model.loss_function)
     return getattr(loss, "uotmatch_stock", loss)
 
 
@@ -187,6 +188,7 @@ def use_matcher(
             ``options``.
         loss: ``"hard"`` (HF's loss on the decoded pairs) or ``"plan"`` (plan-weighted; DETR,
             Deformable, Conditional and DAB-DETR).
+        **options: the named matcher's options (refused with a matcher instance).
 
     Calling it again replaces the matcher. ``model.loss_function.matcher`` is the adapter in
     use: ``.inner`` the matcher, ``.calls`` the matchings made (one per decoder layer and
@@ -226,9 +228,9 @@ def use_matcher(
         replace[family.matcher] = _with_matcher(family.stock.__globals__[family.matcher], adapter)
     else:
         replace[family.matcher] = lambda *args, **kwargs: adapter
-    if loss == "plan":
+    if loss == "plan" and family.criterion is not None:  # None with "plan": refused above
         replace[family.criterion] = _plan_criterion(family.stock.__globals__[family.criterion])
-    model.loss_function = _rebind(family.stock, replace, adapter)
+    model.loss_function = _rebind(family.stock, replace, adapter)  # type: ignore[assignment]
     return model
 
 
@@ -239,8 +241,8 @@ def _rebind(fn: Callable, replace: Mapping[str, object], adapter: _HFMatcher) ->
     new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
-    new.uotmatch_stock = fn
-    new.matcher = adapter
+    setattr(new, "uotmatch_stock", fn)  # noqa: B010 (a new attribute of a function)
+    setattr(new, "matcher", adapter)  # noqa: B010
     return new
 
 
@@ -284,10 +286,10 @@ class _HFMatcher(nn.Module):
         if self.grouped:
             grouped = GroupedMatcher(self.inner)
             m = grouped.solve(outputs, padded, group_detr)
-            self.unconverged += int((~m.converged).sum())
+            self.unconverged += int((~cast(Tensor, m.converged)).sum())
             return grouped.pairs(m, group_detr)
         m = self.inner.solve(outputs, padded)
-        self.unconverged += int((~m.converged).sum())
+        self.unconverged += int((~cast(Tensor, m.converged)).sum())
         if not self.plan:
             return m.pairs(self.inner.decode)
         pairs = _PlanPairs(m.pairs(self.inner.decode))

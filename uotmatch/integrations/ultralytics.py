@@ -91,6 +91,7 @@ class TaskAssigner(nn.Module):
 
     @torch.no_grad()
     def forward(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, **extra):
+        """Ultralytics' ``TaskAlignedAssigner`` call and outputs, from uotmatch's assignment."""
         if extra:
             raise ValueError(f"TaskAssigner takes no extra inputs, got {sorted(extra)}")
         b, A, nc = pd_scores.shape
@@ -192,6 +193,7 @@ class RTDETRMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, pred_bboxes, pred_scores, gt_bboxes, gt_cls, gt_groups):
+        """RT-DETR's ``HungarianMatcher`` call: indices into the concatenated targets."""
         self.calls += 1
         b, nq = pred_scores.shape[:2]
         sizes = [int(n) for n in gt_groups]

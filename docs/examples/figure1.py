@@ -2,8 +2,9 @@
 
 Costs are ``1 - GIoU`` between 5 predictions (rows 1-5) and ground truths A, B, from Figure 1b of
 De Plaen et al., "Unbalanced Optimal Transport: A Unified Framework for Object Detection",
-CVPR 2023; the background cost is ``c∅ = 0.8``. Run ``python -m uotmatch.figure1`` to print the
-plan and the hard matches of the regimes (c)-(h).
+CVPR 2023; the background cost is ``c∅ = 0.8``. Run ``python docs/examples/figure1.py`` (or
+``make figure1``) to print the plan and the hard matches of the regimes (c)-(h). A docs example,
+not part of the library: the tutorial and the tests import it from here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 
 import torch
 
-from uotmatch._match import match
+from uotmatch import match
 
 __all__ = ["BACKGROUND_COST", "COST", "GROUND_TRUTHS", "REGIMES", "hard_matches", "main"]
 
@@ -62,7 +63,7 @@ HEADER = (
 def main(argv: list[str] | None = None) -> None:
     """Print the plan and hard matches of every regime of Figure 1."""
     argparse.ArgumentParser(
-        prog="python -m uotmatch.figure1",
+        prog="python docs/examples/figure1.py",
         description="The UOT paper's Figure 1: one cost matrix, the plans of six matching regimes.",
     ).parse_args(argv)
     print(HEADER + "\n")
