@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_solver import STRIDES, device_timer  # noqa: E402
 
+from uotmatch._options import MAX_ITER  # noqa: E402
 from uotmatch.detection import (  # noqa: E402
     CENTER_PRIOR_PENALTY,
     HungarianMatcher,
@@ -36,7 +37,6 @@ from uotmatch.detection import (  # noqa: E402
     UOTMatcher,
     anchor_points,
 )
-from uotmatch.detection._matchers import MAX_ITER  # noqa: E402
 from uotmatch.detection.boxes import box_iou, ltrb_to_boxes, points_to_ltrb  # noqa: E402
 
 NUM_CLASSES = 80

@@ -126,7 +126,7 @@ def pot_row(problems: list[dict], results: list, max_iter: int) -> dict:
         warnings.simplefilter("ignore")
         for p in problems:
             tau1, tau2, eps = p["tau1"], p["tau2"], p["eps"]
-            tol = p.get("tol", uotmatch._match.TOL)
+            tol = p.get("tol", uotmatch.SolverOptions().tol)
             for C, a, b in items(p):
                 if math.isinf(tau1) and math.isinf(tau2):
                     P = ot.sinkhorn(

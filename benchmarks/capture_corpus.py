@@ -54,6 +54,10 @@ def recording(problems: list):
     step = [0]
 
     def record(cost, eps, tau1=math.inf, tau2=math.inf, **kwargs):
+        solver = kwargs.pop("solver", None)  # stored as plain values: loads with weights_only
+        if solver is not None:
+            kwargs.update(max_iter=solver.max_iter, tol=solver.tol, screen=solver.screen)
+
         def cpu(x):
             return x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x
 

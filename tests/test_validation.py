@@ -157,3 +157,41 @@ def test_zero_padded_boxes_need_a_mask():
     del inputs["gt_mask"]
     with pytest.raises(ValueError, match=r"image 1, ground truth 2 is all zeros \(padding\?\)"):
         OTAAssigner()(**inputs)
+
+
+def test_one_solver_options_value_for_match_the_assigners_and_the_matchers():
+    from uotmatch import SolverOptions
+    from uotmatch.detection import OTAAssigner, UOTAssigner, UOTMatcher
+
+    cost = torch.rand(2, 6, 3, generator=torch.Generator().manual_seed(0))
+    opts = SolverOptions(max_iter=7, tol=1e-3)
+    by_value = uotmatch.match(cost, 0.05, background_cost=0.5, solver=opts)
+    by_keywords = uotmatch.match(cost, 0.05, background_cost=0.5, max_iter=7, tol=1e-3)
+    assert torch.equal(by_value.plan, by_keywords.plan)
+    assert int(by_value.iterations.max()) <= 7
+    for cls in (OTAAssigner, UOTAssigner, UOTMatcher):
+        assert cls(solver=opts).solver is opts and cls(max_iter=7, tol=1e-3).solver == opts
+        assert (cls(solver=opts).max_iter, cls(solver=opts).tol) == (7, 1e-3)
+        with pytest.raises(ValueError, match="max_iter and solver were both given"):
+            cls(max_iter=5, solver=opts)
+        with pytest.raises(ValueError, match="max_iter must be an integer >= 1, got 0"):
+            cls(max_iter=0)
+    assert OTAAssigner().tol == 1e-4 and UOTMatcher().tol == 1e-5  # their defaults differ
+    with pytest.raises(ValueError, match="tol and solver were both given"):
+        uotmatch.match(cost, 0.05, tol=1e-3, solver=opts)
+    with pytest.raises(ValueError, match="solver must be a uotmatch.SolverOptions, got dict"):
+        uotmatch.match(cost, 0.05, solver={"tol": 1e-3})
+    with pytest.raises(ValueError, match="tol must be > 0, got 0"):
+        SolverOptions(tol=0)
+    with pytest.raises(ValueError, match="screen must be True or False"):
+        SolverOptions(screen="yes")
+
+
+def test_eps_zero_rule_is_stated_once():
+    from uotmatch.detection import UOTMatcher
+
+    msg = r"eps = 0 is defined only for the limits \(tau1, tau2\) = \(inf, 0\), \(0, inf\)"
+    with pytest.raises(ValueError, match=msg):
+        uotmatch.match(torch.rand(3, 2), 0.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match=msg):
+        UOTMatcher(eps=0.0, tau1=1.0, tau2=1.0)

@@ -7,8 +7,9 @@ regime in between.
 
 from uotmatch._decode import DECODINGS
 from uotmatch._match import match
+from uotmatch._options import SolverOptions
 from uotmatch._result import Matching
 
 __version__ = "0.2.0"  # the one version source (pyproject.toml reads it)
 
-__all__ = ["DECODINGS", "Matching", "match"]
+__all__ = ["DECODINGS", "Matching", "SolverOptions", "match"]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from uotmatch import _exact, _newton, _screen
+from uotmatch._options import MAX_ITER, TOL, SolverOptions
 from uotmatch._precision import PRECISION, cast_plan, overflow_error
 from uotmatch._problem import Problem, full_cost
 from uotmatch._result import STATUSES, Array, Matching
@@ -21,9 +22,6 @@ from uotmatch._state import Marginal
 __all__ = ["MAX_ITER", "TOL", "match"]
 
 INF = math.inf
-#: The solver budget every entry point defaults to (match, the OT assigners, UOTMatcher).
-MAX_ITER = 1000
-TOL = 1e-5
 #: A budget below this is named as the cause when items run out of it.
 SMALL_BUDGET = 50
 
@@ -38,9 +36,10 @@ def match(
     b: Array | None = None,
     gt_mask: Array | None = None,
     background_cost: float | Array | None = None,
-    max_iter: int = MAX_ITER,
-    tol: float = TOL,
+    max_iter: int | None = None,
+    tol: float | None = None,
     screen: bool | None = None,
+    solver: SolverOptions | None = None,
 ) -> Matching:
     r"""Match predictions (rows) to ground truths (columns) by entropic unbalanced OT.
 
@@ -81,11 +80,15 @@ def match(
             solves as if they were absent.
         background_cost: ``None``, a float, or ``[M]`` / ``[B, M]``. Appends a background column
             ∅ (last) with this cost and mass ``max(sum a - sum b, 0)`` over the real columns.
-        max_iter: scaling iterations at most (eps-scaling stages included).
-        tol: an item stops once its ``marginal_error`` (relative L1) is at most this.
+        max_iter: iterations at most (eps-scaling stages included); default
+            1000.
+        tol: an item stops once its ``marginal_error`` (relative L1) is at most this; default
+            1e-5.
         screen: background screening (below): None uses it when it applies and pays (1024
             predictions or more), True whenever it applies, False never. True is refused
             (``ValueError``) where it cannot apply.
+        solver: the three options above as one :class:`SolverOptions` value (what the
+            assigners and matchers pass); refused together with any of them.
 
     Returns:
         A :class:`Matching`: the plan in the caller's container, device and dtype, per-item
@@ -143,9 +146,7 @@ def match(
         b=b,
         gt_mask=gt_mask,
         background_cost=background_cost,
-        max_iter=max_iter,
-        tol=tol,
-        screen=screen,
+        solver=SolverOptions.resolve(solver, max_iter=max_iter, tol=tol, screen=screen),
     )
     B, M, N = p.cost.shape
     if M * (N + int(p.has_background)) == 0:
@@ -215,12 +216,8 @@ def _solve_exact(p: Problem) -> _Solution:
         potentials = lambda: fg  # noqa: E731
     elif (tau1, tau2) == (INF, INF):
         plan, potentials = _exact.balanced(C, a, b, p.has_background)
-    else:
-        raise ValueError(
-            f"eps = 0 is defined only for the limits (tau1, tau2) = (inf, 0), (0, inf) or "
-            f"(inf, inf); got ({tau1}, {tau2}). With a finite positive tau the unregularised "
-            "problem is a general linear program (not a matching rule): use eps > 0."
-        )
+    else:  # refused when the problem was built (uotmatch._options.regime)
+        raise AssertionError(f"eps = 0 with (tau1, tau2) = ({tau1}, {tau2})")
     B = plan.shape[0]
     zeros = torch.zeros(B, dtype=torch.bool, device=plan.device)
     return _Solution(plan, potentials, p.cost.new_zeros(B), zeros.long(), ~zeros, zeros, ~zeros)

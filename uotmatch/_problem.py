@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from uotmatch import _checks
+from uotmatch._options import SolverOptions, regime
 from uotmatch._precision import working_dtype
 
 __all__ = ["MASS_BALANCE_RTOL", "Problem", "full_cost"]
@@ -62,9 +63,7 @@ class Problem:
         b: Any,
         gt_mask: Any,
         background_cost: Any,
-        max_iter: Any,
-        tol: Any,
-        screen: Any,
+        solver: SolverOptions,
     ) -> Problem:
         kind, C = as_tensor(cost, "cost")
         if C.dim() not in (2, 3):
@@ -76,12 +75,8 @@ class Problem:
         C = C if batched else C.unsqueeze(0)
         C = C.to(working_dtype(C.dtype))
         B, M, N = C.shape
-        eps = _checks.real("eps", eps, low=0.0)
-        tau1 = _checks.real("tau1", tau1, low=0.0, allow_inf=True)
-        tau2 = _checks.real("tau2", tau2, low=0.0, allow_inf=True)
-        max_iter = _checks.integer("max_iter", max_iter, low=1)
-        tol = _checks.real("tol", tol, low=0.0, low_open=True)
-        screen = _checks.boolean("screen", screen, allow_none=True)
+        eps, tau1, tau2 = regime(eps, tau1, tau2)
+        max_iter, tol, screen = solver.max_iter, solver.tol, solver.screen
         a = _mass("a", a, B, M, batched, C)
         b = _mass("b", b, B, N, batched, C)
         given = gt_mask is not None

@@ -1,4 +1,5 @@
-"""Dataclass configs filled by argparse, optionally from a YAML file (``yaml.safe_load``).
+"""Dataclass configs filled by argparse, optionally from a YAML file (``yaml.safe_load``), and
+the config every bundled detector's run reads (:class:`TrainConfig`).
 
 Every value, from the command line or the file, gets the field's type and choices checked the
 same way; a field given neither way keeps its default. Errors are argparse errors (one line,
@@ -10,11 +11,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OneLineParser", "parse_config"]
+__all__ = [
+    "RESUME_FREE",
+    "OneLineParser",
+    "TrainConfig",
+    "chosen_options",
+    "flag",
+    "parse_config",
+]
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 
@@ -30,7 +40,8 @@ def field_type(field: dataclasses.Field) -> tuple[type, bool]:
     return _TYPES[names[0]], optional
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line flag of a config field (``batch_size`` -> ``--batch-size``)."""
     return "--" + name.replace("_", "-")
 
 
@@ -89,9 +100,9 @@ def _check_preset(cls, values: dict, p: argparse.ArgumentParser) -> None:
         return
     for key, value in presets[name].items():
         if key in values and (callable(value) or values[key] != value):
-            flag = _flag(key)
-            what = f"derives {flag}" if callable(value) else f"sets {flag} to {value!r}"
-            p.error(f"--preset {name} {what}: drop {flag} {values[key]!r} or the preset")
+            given = flag(key)
+            what = f"derives {given}" if callable(value) else f"sets {given} to {value!r}"
+            p.error(f"--preset {name} {what}: drop {given} {values[key]!r} or the preset")
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -137,14 +148,14 @@ def parse_config(cls, argv=None, description: str = "", prog: str | None = None)
         help_text = f"{help_text} (default: {_default_text(f)})"
         if kind is bool:
             p.add_argument(
-                _flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text
+                flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
             metavar = f.metadata.get("metavar", f.name.upper())
             choices = f.metadata.get("choices")
             if choices is not None:
                 metavar = "{" + ",".join(str(c) for c in choices if c != "") + "}"
-            p.add_argument(_flag(f.name), type=str, default=None, help=help_text, metavar=metavar)
+            p.add_argument(flag(f.name), type=str, default=None, help=help_text, metavar=metavar)
     args = p.parse_args(argv)
     values: dict[str, Any] = {}
     try:
@@ -168,7 +179,7 @@ def parse_config(cls, argv=None, description: str = "", prog: str | None = None)
         for name, f in fields.items():
             v = getattr(args, name)
             if v is not None:
-                values[name] = convert(f, v, _flag(name))
+                values[name] = convert(f, v, flag(name))
     except ValueError as exc:
         p.error(str(exc))
     _check_preset(cls, values, p)
@@ -176,3 +187,122 @@ def parse_config(cls, argv=None, description: str = "", prog: str | None = None)
         return cls(**values)
     except (TypeError, ValueError) as exc:
         p.error(str(exc))
+
+
+# -- the fields every bundled detector's run reads ------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """What every bundled detector's training run reads (``--flag`` per field)."""
+
+    data: str = field(default="", metadata={"help": "COCO-format dataset directory"})
+    out: str = field(default="runs/train", metadata={"help": "output directory"})
+    epochs: int = field(default=12, metadata={"help": "training epochs"})
+    batch_size: int = field(default=8, metadata={"help": "images per step per process"})
+    lr: float = field(default=0.01, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
+    warmup_iters: int = field(default=100, metadata={"help": "linear warm-up iterations"})
+    clip_grad: float = field(default=10.0, metadata={"help": "max gradient norm (0: off)"})
+    depth: int = field(default=18, metadata={"help": "ResNet depth", "choices": (18, 34, 50)})
+    backbone_weights: str = field(
+        default="", metadata={"help": "a local torchvision ResNet checkpoint to start from"}
+    )
+    freeze_at: int = field(
+        default=0, metadata={"help": "freeze the stem (1) and stages (2..5)", "metavar": "0..5"}
+    )
+    short: int = field(default=128, metadata={"help": "resize the short side to this"})
+    max_size: int = field(default=128, metadata={"help": "cap on the long side"})
+    amp: bool = field(default=True, metadata={"help": "mixed precision (CUDA only)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    workers: int = field(default=0, metadata={"help": "data-loading workers"})
+    eval_every: int = field(default=1, metadata={"help": "evaluate every N epochs (0: at end)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace the run in --out (its checkpoint and log), once this run has "
+            "checked its inputs and written its first checkpoint"
+        },
+    )
+    accept_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "with --resume: continue with settings that differ from the run's (each "
+            "change is recorded in metrics.jsonl)"
+        },
+    )
+    progress: bool = field(
+        default=True, metadata={"help": "a live progress bar (on a terminal only)"}
+    )
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("--data is required (a COCO-format dataset directory)")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("eval_every", "workers", "warmup_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        if not 0 <= self.freeze_at <= 5:
+            raise ValueError(f"--freeze-at must be in 0..5, got {self.freeze_at}")
+        if self.lr <= 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError("--lr must be > 0, --clip-grad and --weight-decay >= 0")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "--resume continues the run in --out, --overwrite replaces it: pick one"
+            )
+
+    @classmethod
+    def upgrade(cls, stored: dict) -> dict:
+        """A checkpoint's stored config as this version's fields (subclasses map renamed ones)."""
+        return {"overwrite": False, "accept_changes": False, **stored}
+
+    def recorded(self) -> dict:
+        """What every line of ``metrics.jsonl`` records of the run's settings (subclasses: the
+        assigner or matcher and its options)."""
+        return {}
+
+
+#: Settings a resumed run may change freely (where the data and output live, how long, how
+#: often to evaluate, how to run); any other change is refused unless ``--accept-changes``.
+RESUME_FREE = frozenset(
+    {
+        "data",
+        "out",
+        "epochs",
+        "eval_every",
+        "workers",
+        "device",
+        "resume",
+        "overwrite",
+        "accept_changes",
+        "progress",
+    }
+)
+
+
+def chosen_options(cfg, fields: tuple[str, ...], role: str, name: str, cls: type) -> dict:
+    """The fields of ``cfg`` among ``fields`` that were given (not None), each an option of
+    ``cls`` (the ``--{role} {name}`` assigner or matcher class); a given field that ``cls`` does
+    not take is a ``ValueError`` naming its flag and the flags that do apply."""
+    from uotmatch.detection import options_of
+
+    given = {n: getattr(cfg, n) for n in fields if getattr(cfg, n) is not None}
+    takes = options_of(cls)
+    wrong = [n for n in given if n not in takes]
+    if wrong:
+        flags = ", ".join(flag(n) for n in fields if n in takes)
+        raise ValueError(
+            f"{flag(wrong[0])} does not apply to --{role} {name} (its options here: "
+            f"{flags or 'none'})"
+        )
+    return given

@@ -18,14 +18,12 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +37,7 @@ from detectors.common.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from detectors.common.config import OneLineParser
+from detectors.common.config import RESUME_FREE, OneLineParser, TrainConfig, flag
 from detectors.common.data import CocoDetection, collate, default_transforms, images_only
 from detectors.common.dist import barrier, init_distributed, is_main, rank, world_size
 from detectors.common.engine import evaluate, train_one_epoch
@@ -59,104 +57,6 @@ __all__ = [
 
 #: What a run writes into ``--out`` (``--overwrite`` removes exactly these).
 RUN_FILES = ("last.pth", "metrics.jsonl", "tensorboard")
-
-
-@dataclass
-class TrainConfig:
-    """What every bundled detector's training run reads (``--flag`` per field)."""
-
-    data: str = field(default="", metadata={"help": "COCO-format dataset directory"})
-    out: str = field(default="runs/train", metadata={"help": "output directory"})
-    epochs: int = field(default=12, metadata={"help": "training epochs"})
-    batch_size: int = field(default=8, metadata={"help": "images per step per process"})
-    lr: float = field(default=0.01, metadata={"help": "learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
-    warmup_iters: int = field(default=100, metadata={"help": "linear warm-up iterations"})
-    clip_grad: float = field(default=10.0, metadata={"help": "max gradient norm (0: off)"})
-    depth: int = field(default=18, metadata={"help": "ResNet depth", "choices": (18, 34, 50)})
-    backbone_weights: str = field(
-        default="", metadata={"help": "a local torchvision ResNet checkpoint to start from"}
-    )
-    freeze_at: int = field(
-        default=0, metadata={"help": "freeze the stem (1) and stages (2..5)", "metavar": "0..5"}
-    )
-    short: int = field(default=128, metadata={"help": "resize the short side to this"})
-    max_size: int = field(default=128, metadata={"help": "cap on the long side"})
-    amp: bool = field(default=True, metadata={"help": "mixed precision (CUDA only)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    workers: int = field(default=0, metadata={"help": "data-loading workers"})
-    eval_every: int = field(default=1, metadata={"help": "evaluate every N epochs (0: at end)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "replace the run in --out (its checkpoint and log), once this run has "
-            "checked its inputs and written its first checkpoint"
-        },
-    )
-    accept_changes: bool = field(
-        default=False,
-        metadata={
-            "help": "with --resume: continue with settings that differ from the run's (each "
-            "change is recorded in metrics.jsonl)"
-        },
-    )
-    progress: bool = field(
-        default=True, metadata={"help": "a live progress bar (on a terminal only)"}
-    )
-
-    def __post_init__(self):
-        if not self.data:
-            raise ValueError("--data is required (a COCO-format dataset directory)")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        for name in ("eval_every", "workers", "warmup_iters"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
-                )
-        if not 0 <= self.freeze_at <= 5:
-            raise ValueError(f"--freeze-at must be in 0..5, got {self.freeze_at}")
-        if self.lr <= 0 or self.clip_grad < 0 or self.weight_decay < 0:
-            raise ValueError("--lr must be > 0, --clip-grad and --weight-decay >= 0")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.resume and self.overwrite:
-            raise ValueError(
-                "--resume continues the run in --out, --overwrite replaces it: pick one"
-            )
-
-    @classmethod
-    def upgrade(cls, stored: dict) -> dict:
-        """A checkpoint's stored config as this version's fields (subclasses map renamed ones)."""
-        return {"overwrite": False, "accept_changes": False, **stored}
-
-    def recorded(self) -> dict:
-        """What every line of ``metrics.jsonl`` records of the run's settings (subclasses: the
-        assigner or matcher and its options)."""
-        return {}
-
-
-#: Settings a resumed run may change freely (where the data and output live, how long, how
-#: often to evaluate, how to run); any other change is refused unless ``--accept-changes``.
-RESUME_FREE = frozenset(
-    {
-        "data",
-        "out",
-        "epochs",
-        "eval_every",
-        "workers",
-        "device",
-        "resume",
-        "overwrite",
-        "accept_changes",
-        "progress",
-    }
-)
 
 
 def setup(cfg: TrainConfig) -> tuple[torch.device, bool]:
@@ -335,10 +235,6 @@ def _changes(cfg: TrainConfig, stored: dict) -> dict:
     }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _resume(cfg: TrainConfig, ckpt: Path, model, optimizer, scheduler, scaler) -> dict:
     """Load the run's state; a damaged checkpoint, one of another model, or one trained with
     other settings (unless ``--accept-changes``) is a UsageError."""
@@ -353,7 +249,7 @@ def _resume(cfg: TrainConfig, ckpt: Path, model, optimizer, scheduler, scaler) -
         raise UsageError(f"--resume: {ckpt} is not a training checkpoint (no {sorted(missing)})")
     changes = _changes(cfg, state.get("config", {}))
     if changes and not cfg.accept_changes:
-        said = ", ".join(f"{_flag(k)} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        said = ", ".join(f"{flag(k)} {old!r} -> {new!r}" for k, (old, new) in changes.items())
         raise UsageError(
             f"--resume: the run in {ckpt.parent} was trained with other settings ({said}): "
             "resume with the run's settings, or add --accept-changes to continue with these "
@@ -422,7 +318,7 @@ def fit(
         if is_main():
             print(f"resumed from {ckpt} at epoch {start} of {cfg.epochs}")
             if changes:
-                said = ", ".join(f"{_flag(k)} {o!r} -> {n!r}" for k, (o, n) in changes.items())
+                said = ", ".join(f"{flag(k)} {o!r} -> {n!r}" for k, (o, n) in changes.items())
                 print(f"--accept-changes: continuing with {said} (recorded in metrics.jsonl)")
     elif cfg.resume and is_main():
         print(f"--resume: no {ckpt} yet, starting from scratch")

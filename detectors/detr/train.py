@@ -27,12 +27,12 @@ from typing import ClassVar
 import torch
 
 from detectors.common.backbone import build_resnet
-from detectors.common.config import parse_config
-from detectors.common.trainer import TrainConfig, build, command, datasets, fit, setup
+from detectors.common.config import TrainConfig, chosen_options, parse_config
+from detectors.common.trainer import build, command, datasets, fit, setup
 from detectors.detr.criterion import LOSS_WEIGHTINGS, SetCriterion, detr_targets
 from detectors.detr.model import DETR
 from uotmatch import DECODINGS
-from uotmatch.detection import MATCHERS, build_matcher, options_of
+from uotmatch.detection import MATCHERS, build_matcher
 
 __all__ = [
     "DETRConfig",
@@ -166,16 +166,9 @@ class DETRConfig(TrainConfig):
             self._apply_preset(PRESETS[self.preset])
         if self.num_queries < 1:
             raise ValueError(f"--num-queries must be >= 1, got {self.num_queries}")
-        given = {name: getattr(self, name) for name in MATCHER_FIELDS}
-        given = {name: v for name, v in given.items() if v is not None}
-        takes = options_of(MATCHERS[self.matcher])
-        wrong = [name for name in given if name not in takes]
-        if wrong:
-            flags = ", ".join("--" + n.replace("_", "-") for n in MATCHER_FIELDS if n in takes)
-            raise ValueError(
-                f"--{wrong[0].replace('_', '-')} does not apply to --matcher {self.matcher} "
-                f"(its options here: {flags})"
-            )
+        given = chosen_options(
+            self, MATCHER_FIELDS, "matcher", self.matcher, MATCHERS[self.matcher]
+        )
         self.matcher_options = {
             **given,
             "cost_class": self.set_cost_class,

@@ -17,9 +17,8 @@ from typing import ClassVar
 import torch
 
 from detectors.common.backbone import build_resnet
-from detectors.common.config import parse_config
+from detectors.common.config import TrainConfig, chosen_options, parse_config
 from detectors.common.trainer import (
-    TrainConfig,
     build,
     command,
     datasets,
@@ -122,16 +121,9 @@ class FCOSConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        given = {name: getattr(self, name) for name in ASSIGNER_FIELDS}
-        given = {name: v for name, v in given.items() if v is not None}
-        takes = options_of(ASSIGNERS[self.assigner])
-        wrong = [name for name in given if name not in takes]
-        if wrong:
-            flags = ", ".join("--" + n.replace("_", "-") for n in ASSIGNER_FIELDS if n in takes)
-            raise ValueError(
-                f"--{wrong[0].replace('_', '-')} does not apply to --assigner {self.assigner} "
-                f"(its options here: {flags or 'none'})"
-            )
+        given = chosen_options(
+            self, ASSIGNER_FIELDS, "assigner", self.assigner, ASSIGNERS[self.assigner]
+        )
         self.assigner_options = given
         build_assigner(self.assigner, **given)  # every value checked now, not at the first step
 

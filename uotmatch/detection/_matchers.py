@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import uotmatch
 from uotmatch import _checks
 from uotmatch._exact import linear_sum_assignment_or_raise
-from uotmatch._match import MAX_ITER, TOL
+from uotmatch._options import SolverOptions, regime
 from uotmatch._result import Matching
 from uotmatch.detection._contracts import Pairs, SetMatcher, SetTargets, logits_key
 from uotmatch.detection.costs import DETR_FOCAL_EPS
@@ -23,13 +23,13 @@ from uotmatch.detection.costs import DETR_FOCAL_EPS
 __all__ = ["GroupedMatcher", "HungarianMatcher", "UOTMatcher"]
 
 
-def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, max_iter, tol):
+def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, solver):
     """:func:`match` on a set-matching cost ``[B, Q, G]``. With a background column and a hard
     target marginal, an image with more targets than queries gets a background *row* of mass
     ``G_i - Q`` (cost 0 to every target): it takes the targets no query can, which DETR's
     Hungarian matching leaves unmatched; the plan returned is the queries' rows only."""
     B, Q, G = C.shape
-    kw = dict(gt_mask=mask, max_iter=max_iter, tol=tol)
+    kw = dict(gt_mask=mask, solver=solver)
     if background_cost is None:
         return uotmatch.match(C, eps, tau1, tau2, **kw)
     extra = (mask.sum(1) - Q).clamp_min(0).to(C.dtype)  # [B]
@@ -110,7 +110,7 @@ class HungarianMatcher(SetMatcher):
         ones = torch.ones(B, dtype=torch.bool, device=C.device)
 
         def potentials() -> tuple[Tensor, Tensor]:  # the exact duals, computed when asked for
-            m = _solve_sets(C, targets.gt_mask, 0.0, math.inf, math.inf, 0.0, MAX_ITER, TOL)
+            m = _solve_sets(C, targets.gt_mask, 0.0, math.inf, math.inf, 0.0, SolverOptions())
             return m.f, m.g
 
         return Matching(
@@ -157,6 +157,8 @@ class UOTMatcher(SetMatcher):
             (``focal``: Deformable-DETR's focal class cost on sigmoid logits, with their
             ``focal_eps = 1e-8`` inside the logs; 0 for the exact form).
         max_iter, tol: solver budget (:func:`uotmatch.match`'s defaults).
+        solver: the same as one :class:`uotmatch.SolverOptions` (refused together with
+            ``max_iter`` or ``tol``); the matcher's is ``.solver``.
     """
 
     def __init__(
@@ -175,8 +177,9 @@ class UOTMatcher(SetMatcher):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         focal_eps: float = DETR_FOCAL_EPS,
-        max_iter: int = MAX_ITER,
-        tol: float = TOL,
+        max_iter: int | None = None,
+        tol: float | None = None,
+        solver: SolverOptions | None = None,
     ):
         super().__init__(
             cost_class=cost_class,
@@ -188,22 +191,20 @@ class UOTMatcher(SetMatcher):
             focal_eps=focal_eps,
             decode=decode,
         )
-        self.eps = _checks.real("eps", eps, low=0.0)
-        self.tau1 = _checks.real("tau1", tau1, low=0.0, allow_inf=True)
-        self.tau2 = _checks.real("tau2", tau2, low=0.0, allow_inf=True)
+        self.eps, self.tau1, self.tau2 = regime(eps, tau1, tau2)
         self.background_cost = _checks.real("background_cost", background_cost, allow_none=True)
         self.normalize_cost = _checks.boolean("normalize_cost", normalize_cost)
-        self.max_iter = _checks.integer("max_iter", max_iter, low=1)
-        self.tol = _checks.real("tol", tol, low=0.0, low_open=True)
-        if self.eps == 0 and (self.tau1, self.tau2) not in [
-            (math.inf, 0.0),
-            (0.0, math.inf),
-            (math.inf, math.inf),
-        ]:
-            raise ValueError(
-                "eps = 0 is defined only for (tau1, tau2) = (inf, 0), (0, inf) or (inf, inf); "
-                f"got ({self.tau1:g}, {self.tau2:g}): use eps > 0"
-            )
+        self.solver = SolverOptions.resolve(solver, max_iter=max_iter, tol=tol)
+
+    @property
+    def max_iter(self) -> int:
+        """The solver's iteration budget (``solver.max_iter``)."""
+        return self.solver.max_iter
+
+    @property
+    def tol(self) -> float:
+        """The solver's tolerance (``solver.tol``)."""
+        return self.solver.tol
 
     @torch.no_grad()
     def solve(self, outputs, targets) -> Matching:
@@ -219,8 +220,7 @@ class UOTMatcher(SetMatcher):
             self.tau1,
             self.tau2,
             self.background_cost,
-            self.max_iter,
-            self.tol,
+            self.solver,
         )
 
 

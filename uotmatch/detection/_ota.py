@@ -10,7 +10,7 @@ from torch import Tensor
 import uotmatch
 from uotmatch import _checks
 from uotmatch._decode import decode_rows
-from uotmatch._match import MAX_ITER
+from uotmatch._options import SolverOptions
 from uotmatch._rows import candidate_rows, gather_rows
 from uotmatch.detection._contracts import (
     AssignResult,
@@ -65,6 +65,8 @@ def decode_plan(plan: Tensor, decode: str, background_scale: Tensor | None = Non
 #: corpus of real training problems (``benchmarks/bench_corpus.py``) are those of a float64
 #: solve to 1e-10, as at 1e-5 (``uotmatch.match``'s default, which it saves two Newton steps of).
 ASSIGNER_TOL = 1e-4
+#: The OT assigners' solver options: ``match``'s budget at :data:`ASSIGNER_TOL`.
+DEFAULT_SOLVER = SolverOptions(tol=ASSIGNER_TOL)
 #: Flow units per unit of supply in :func:`feasible_supplies` (its integer max-flow's grain).
 FLOW_GRAIN = 2**16
 
@@ -143,6 +145,8 @@ class UOTAssigner(DenseAssigner):
         max_iter, tol: solver budget (``max_iter`` as :func:`uotmatch.match`'s; ``tol``
             :data:`ASSIGNER_TOL`, where the decisions settle; the official OTA code runs a fixed
             50 iterations).
+        solver: the same as one :class:`uotmatch.SolverOptions` (refused together with
+            ``max_iter`` or ``tol``); the assigner's is ``.solver``.
     """
 
     uses = ("points", "strides", "cls_logits", "pred_boxes", "gt_boxes", "gt_labels", "gt_mask")
@@ -162,8 +166,9 @@ class UOTAssigner(DenseAssigner):
         focal_gamma: float = 2.0,
         decode: str = "official",
         candidates_only: bool | None = None,
-        max_iter: int = MAX_ITER,
-        tol: float = ASSIGNER_TOL,
+        max_iter: int | None = None,
+        tol: float | None = None,
+        solver: SolverOptions | None = None,
     ):
         self.eps = _checks.real("eps", eps, low=0.0, low_open=True)
         self.tau1 = _checks.real("tau1", tau1, low=0.0, allow_inf=True)
@@ -185,8 +190,17 @@ class UOTAssigner(DenseAssigner):
                 f"{self.tau1:g}, tau2 = {self.tau2:g}: pass candidates_only=None or False"
             )
         self.candidates_only = balanced if candidates_only is None else candidates_only
-        self.max_iter = _checks.integer("max_iter", max_iter, low=1)
-        self.tol = _checks.real("tol", tol, low=0.0, low_open=True)
+        self.solver = SolverOptions.resolve(solver, DEFAULT_SOLVER, max_iter=max_iter, tol=tol)
+
+    @property
+    def max_iter(self) -> int:
+        """The solver's iteration budget (``solver.max_iter``)."""
+        return self.solver.max_iter
+
+    @property
+    def tol(self) -> float:
+        """The solver's tolerance (``solver.tol``)."""
+        return self.solver.tol
 
     def candidates(self, points: Tensor, strides: Tensor, gt_boxes: Tensor, gt_mask: Tensor):
         """``[B, A, G]`` bool centre prior: inside the box and within ``radius * stride`` of its
@@ -263,8 +277,7 @@ class UOTAssigner(DenseAssigner):
             b=k,
             gt_mask=gt_mask,
             background_cost=background,
-            max_iter=self.max_iter,
-            tol=self.tol,
+            solver=self.solver,
         )
 
     def _assign(self, x: DenseInputs) -> AssignResult:
@@ -342,8 +355,9 @@ class OTAAssigner(UOTAssigner):
         focal_gamma: float = 2.0,
         decode: str = "official",
         candidates_only: bool | None = None,
-        max_iter: int = MAX_ITER,
-        tol: float = ASSIGNER_TOL,
+        max_iter: int | None = None,
+        tol: float | None = None,
+        solver: SolverOptions | None = None,
     ):
         super().__init__(
             eps=eps,
@@ -358,4 +372,5 @@ class OTAAssigner(UOTAssigner):
             candidates_only=candidates_only,
             max_iter=max_iter,
             tol=tol,
+            solver=solver,
         )
