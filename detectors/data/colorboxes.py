@@ -235,7 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crowded", action="store_true", help="heavy overlap and occlusion")
     p.add_argument("--max-boxes", type=int, default=MAX_BOXES, help="boxes per image at most")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none unless on a terminal)"
+    )
     args = p.parse_args(argv)
     for name in ("train", "val"):
         if getattr(args, name) < 0:
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         args.size,
         args.seed,
         args.crowded,
-        not args.no_progress,
+        not args.no_progress and sys.stderr.isatty(),  # a bar on a terminal, not in a log
         args.max_boxes,
     )
     print(f"wrote {files['train']} ({args.train} images) and {files['val']} ({args.val} images)")

@@ -26,7 +26,13 @@ from uotmatch.detection._geometry import (
     feature_sizes,
 )
 from uotmatch.detection._matchers import GroupedMatcher, HungarianMatcher, UOTMatcher
-from uotmatch.detection._ota import CENTER_PRIOR_PENALTY, OTAAssigner, UOTAssigner, decode_plan
+from uotmatch.detection._ota import (
+    ASSIGNER_TOL,
+    CENTER_PRIOR_PENALTY,
+    OTAAssigner,
+    UOTAssigner,
+    decode_plan,
+)
 from uotmatch.detection._registry import (
     ASSIGNERS,
     MATCHERS,
@@ -55,6 +61,7 @@ from uotmatch.detection.costs import set_matching_cost
 
 __all__ = [
     "ASSIGNERS",
+    "ASSIGNER_TOL",
     "CENTER_PRIOR_PENALTY",
     "INSIDE_MARGIN",
     "INSIDE_MARGIN_STRICT",
