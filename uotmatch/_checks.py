@@ -1,5 +1,6 @@
-"""Argument checks shared by :func:`uotmatch.match`, the assigners and the matchers: each raises a
-``ValueError`` that names the argument, what was expected and what was received."""
+"""Argument checks shared by :func:`uotmatch.match`, the assigners and the matchers.
+
+Each raises a ``ValueError`` that names the argument, what was expected and what was received."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""How a transport plan becomes a matching: the decodings of :meth:`uotmatch.Matching.pairs` and
-:meth:`uotmatch.Matching.gt_index`, and of the assigners and matchers.
+"""How a transport plan becomes a matching.
+
+The decodings of :meth:`uotmatch.Matching.pairs` and :meth:`uotmatch.Matching.gt_index`, and of
+the assigners and matchers.
 
 A plan ``[B, M, N(+1)]`` (predictions by ground truths, the background last when there is one)
 says how each prediction's mass splits; a loss that wants pairs needs a decision. The decodings:
@@ -52,9 +54,10 @@ def decode_rows(
     decode: str = "argmax",
     background_scale: Tensor | None = None,
 ) -> Tensor:
-    """``[B, M]`` int64: per prediction, its ground truth, or -1 (background or none), by one of
-    :data:`ROW_DECODINGS`, from ``plan [B, M, N(+1)]`` and ``gt_mask [B, N]`` (True on the real
-    columns).
+    """Per prediction, its ground truth (``[B, M]`` int64) or -1, by a row decoding.
+
+    -1 is the background or none; the decoding is one of :data:`ROW_DECODINGS`, from ``plan [B, M,
+    N(+1)]`` and ``gt_mask [B, N]`` (True on the real columns).
 
     ``background_scale [B]`` (``"official"`` only) overrides the background column's largest
     entry: predictions solved elsewhere and known to be background (the OTA assigners' anchors
@@ -96,8 +99,9 @@ def _hungarian_rows(plan: Tensor) -> Tensor:
 def decode_pairs(
     plan: Tensor, gt_mask: Tensor, has_background: bool, decode: str = "argmax"
 ) -> list[tuple[Tensor, Tensor]]:
-    """Per item a pair ``(pred_idx, gt_idx)`` of int64 CPU tensors sorted by prediction (then
-    ground truth), by one of :data:`DECODINGS`."""
+    """Per item a pair ``(pred_idx, gt_idx)``, by one of :data:`DECODINGS`.
+
+    Int64 CPU tensors, sorted by prediction (then ground truth)."""
     _check(decode, DECODINGS)
     if decode != "per_target":
         rows = decode_rows(plan, gt_mask, has_background, decode).cpu()

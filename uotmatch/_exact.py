@@ -112,8 +112,10 @@ def balanced(
 
 
 def _unit_hungarian_with_background(C, A, Bm, has_background, plan) -> bool:
-    """The DETR case for the whole batch at once, when it applies: unit masses, every real column
-    present, a finite background with positive mass. Fills ``plan``; False if not applicable."""
+    """The DETR case for the whole batch at once, when it applies.
+
+    Unit masses, every real column present, a finite background with positive mass. Fills
+    ``plan``; False if not applicable."""
     n_real = C.shape[2] - 1
     if not has_background or n_real < 1 or not np.all(A == 1.0):
         return False

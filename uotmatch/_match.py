@@ -1,5 +1,7 @@
-"""The front door: validate into a :class:`~uotmatch._problem.Problem`, choose a path (empty,
-exact, screened, dense), solve, wrap the result."""
+"""The front door: validate, choose a path, solve, wrap the result.
+
+The problem is validated into a :class:`~uotmatch._problem.Problem`; the paths are empty, exact,
+screened and dense."""
 
 from __future__ import annotations
 
@@ -166,8 +168,9 @@ def _solve_iterative(p: Problem) -> _Solution:
 
 
 def _solve_balanced_limit(limit: Problem, shift: Tensor) -> _Solution:
-    """Both taus beyond what the dtype resolves against eps: the balanced problem of
-    :meth:`Problem.as_balanced_limit`, its potentials translated back."""
+    """Both taus beyond what the dtype resolves against eps.
+
+    The balanced problem of :meth:`Problem.as_balanced_limit`, its potentials translated back."""
     limit._check_feasible()
     s = _solve_iterative(limit)
     potentials = s.potentials

@@ -105,17 +105,20 @@ FLOOR = math.exp(LOG_FLOOR) * 2
 
 
 def applies(cost: Tensor, tau1: float, tau2: float) -> bool:
-    """Newton steps apply to ``cost [B, M, N]``: both taus positive (a free side is solved in one
-    sweep), at most ``MAX_LINES`` rows, and no gradients to carry through the iterations."""
+    """Newton steps apply to ``cost [B, M, N]``.
+
+    Both taus positive (a free side is solved in one sweep), at most ``MAX_LINES`` rows, and no
+    gradients to carry through the iterations."""
     return tau1 > 0 and tau2 > 0 and cost.shape[1] <= MAX_LINES and not torch.is_grad_enabled()
 
 
 def first(cost: Tensor, tau1: float, tau2: float) -> bool:
-    """Every stage runs Newton steps: they apply, and the problem is small enough
-    (``FIRST_SIZE`` entries) that a step costs about as much as a sweep (per-operation overhead,
-    not arithmetic, sets the time), so that the few steps beat the many sweeps even on
-    well-conditioned problems. Elsewhere the sweeps run, and hand the items they converge too
-    slowly for to :func:`finish`."""
+    """Every stage runs Newton steps.
+
+    They apply, and the problem is small enough (``FIRST_SIZE`` entries) that a step costs about
+    as much as a sweep (per-operation overhead, not arithmetic, sets the time), so that the few
+    steps beat the many sweeps even on well-conditioned problems. Elsewhere the sweeps run, and
+    hand the items they converge too slowly for to :func:`finish`."""
     B, M, N = cost.shape
     return applies(cost, tau1, tau2) and B * M * N <= FIRST_SIZE
 
@@ -233,11 +236,12 @@ def _gain(
 
 
 def _translate(s: Solve, st: State) -> None:
-    """For finite taus, the mass mode in closed form (``f + t, g - t``: ``W`` does not change):
-    its curvature, ``1/tau1 + 1/tau2``, is tiny for large taus, and the move it needs large,
-    which a step along it (pinned by the system's rank-one term) would not make. The columns
-    then take their exact update again (with a finite ``tau2`` it is not translation-covariant:
-    ``g(f + t) = g(f) - lam2 t``)."""
+    """For finite taus, the mass mode in closed form (``f + t, g - t``: ``W`` does not change).
+
+    Its curvature, ``1/tau1 + 1/tau2``, is tiny for large taus, and the move it needs large,
+    which a step along it (pinned by the system's rank-one term) would not make. The columns then
+    take their exact update again (with a finite ``tau2`` it is not translation-covariant: ``g(f
+    + t) = g(f) - lam2 t``)."""
     if s.translate:
         t = optimal_translation(s, st)
         st.f, st.g = st.f + t[:, None], st.g - t[:, None]
@@ -352,10 +356,12 @@ def begin_stage(s: Solve, st: State, eps: float) -> None:
 
 
 def run_stage(s: Solve, st: State, final: bool) -> None:
-    """A stage of Newton steps. Intermediate: at least one step, then until every alive row is
-    within ``STAGE_TOL`` of its target (relative), at most ``STAGE_STEPS`` steps. Final: until
-    every item is within ``tol`` or the budget is spent, items freezing as they converge. An
-    item with a starved row takes a sweep instead of a Newton step."""
+    """A stage of Newton steps.
+
+    Intermediate: at least one step, then until every alive row is within ``STAGE_TOL`` of its
+    target (relative), at most ``STAGE_STEPS`` steps. Final: until every item is within ``tol``
+    or the budget is spent, items freezing as they converge. An item with a starved row takes a
+    sweep instead of a Newton step."""
     budget = s.max_iter - st.it if final else min(STAGE_STEPS, s.max_iter - st.it - 1)
     best: Tensor | None = None
     stalled_since = torch.zeros_like(st.iterations)
@@ -401,9 +407,10 @@ def run_stage(s: Solve, st: State, final: bool) -> None:
 
 
 def finish(s: Solve, st: State, items: Tensor) -> None:
-    """The final stage, by Newton steps, for ``items`` ``[B]`` of a solve the sweeps run: from
-    their current potentials, in float64, for the rest of the budget; their plan, potentials,
-    error and iterations written back, and the items frozen."""
+    """The final stage, by Newton steps, for ``items`` ``[B]`` of a solve the sweeps run.
+
+    From their current potentials, in float64, for the rest of the budget; their plan,
+    potentials, error and iterations written back, and the items frozen."""
     idx = torch.nonzero(items).squeeze(1)
     sub = s.subset(idx, torch.float64)
     f, g = st.f + st.eps * st.log_u, st.g + st.eps * st.log_v

@@ -1,5 +1,4 @@
-"""The solver's options as one value, validated once (:class:`SolverOptions`), and the eps = 0
-rule, stated once."""
+"""The solver's options as one value, validated once, and the eps = 0 rule, stated once."""
 
 from __future__ import annotations
 
@@ -20,7 +19,8 @@ EXACT_LIMITS = ((math.inf, 0.0), (0.0, math.inf), (math.inf, math.inf))
 
 @dataclass(frozen=True)
 class SolverOptions:
-    """How :func:`uotmatch.match` iterates: one value, validated when it is made, that
+    """How :func:`uotmatch.match` iterates, as one value validated when it is made.
+
     ``match``, the OT assigners (``OTAAssigner``, ``UOTAssigner``) and ``UOTMatcher`` accept as
     ``solver=``. Their ``max_iter=``, ``tol=`` (and ``match``'s ``screen=``) keywords build one;
     giving a keyword and ``solver`` together is a ``ValueError``.
@@ -55,8 +55,10 @@ class SolverOptions:
     def resolve(
         cls, solver: SolverOptions | None, default: SolverOptions | None = None, **given
     ) -> SolverOptions:
-        """``solver``, or the keywords ``given`` (None: not given) on top of ``default`` (this
-        class's defaults when None); ``solver`` and a keyword together are refused."""
+        """``solver``, or one made of the keywords ``given`` on top of ``default``.
+
+        A keyword of None is not given; ``default`` None is this class's defaults. ``solver``
+        and a keyword together are refused."""
         named = {k: v for k, v in given.items() if v is not None}
         unknown = set(named) - {f.name for f in fields(cls)}
         if unknown:
@@ -77,8 +79,9 @@ class SolverOptions:
 
 
 def regime(eps, tau1, tau2) -> tuple[float, float, float]:
-    """``(eps, tau1, tau2)`` validated: ``eps >= 0``, taus in ``[0, inf]``, and eps = 0 only for
-    the three limits it solves exactly."""
+    """``(eps, tau1, tau2)`` validated.
+
+    ``eps >= 0``, taus in ``[0, inf]``, and eps = 0 only for the three limits it solves exactly."""
     eps = _checks.real("eps", eps, low=0.0)
     tau1 = _checks.real("tau1", tau1, low=0.0, allow_inf=True)
     tau2 = _checks.real("tau2", tau2, low=0.0, allow_inf=True)

@@ -1,6 +1,7 @@
-"""The floating-point policy of the solver, in one place: which dtype a problem is solved in, when
-an item cannot be resolved at all, the kernel's floor and the scalings' bounds, and the cast of
-the plan back to the caller's dtype.
+"""The floating-point policy of the solver, in one place.
+
+Which dtype a problem is solved in, when an item cannot be resolved at all, the kernel's floor
+and the scalings' bounds, and the cast of the plan back to the caller's dtype.
 
 * Half precision (float16, bfloat16) is computed in float32; float32 and float64 as given.
 * A float32 problem is solved in float64 when float32 cannot resolve eps at its costs (rounding
@@ -57,8 +58,9 @@ def mass_resolution(dtype: torch.dtype) -> float:
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a cost of ``dtype`` is validated and solved in, before the precision checks:
-    float64 stays, everything else (half precision included) is float32."""
+    """The dtype a cost of ``dtype`` is validated and solved in, before the precision checks.
+
+    Float64 stays, everything else (half precision included) is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -86,11 +88,12 @@ def potential_magnitude(
     tau1: float,
     tau2: float,
 ) -> Tensor:
-    """``[B]`` the size of the potentials: the largest line minimum of the costs (an absorbed
-    potential is of that size, and the kernel's exponents are rounded at it), plus, with two
-    finite taus, the shift ``tau1 tau2 / (tau1 + tau2) |log(sum a / sum b)|`` that unequal total
-    masses give them (``tau |log(sum a / sum b)|`` when only one tau is finite: that side's
-    potentials absorb the whole ratio)."""
+    """``[B]`` the size of the potentials.
+
+    The largest line minimum of the costs (an absorbed potential is of that size, and the
+    kernel's exponents are rounded at it), plus, with two finite taus, the shift ``tau1 tau2 /
+    (tau1 + tau2) |log(sum a / sum b)|`` that unequal total masses give them (``tau |log(sum a /
+    sum b)|`` when only one tau is finite: that side's potentials absorb the whole ratio)."""
     zero = torch.zeros((), dtype=row_min.dtype, device=row_min.device)
     magnitude = torch.zeros(row_min.shape[0], dtype=row_min.dtype, device=row_min.device)
     for mins, alive in ((row_min, row_alive), (col_min, col_alive)):

@@ -1,5 +1,7 @@
-"""A validated :func:`uotmatch.match` problem: the batch as tensors on one device and dtype, the
-regime, the budget, and the checks that reject what no plan can satisfy."""
+"""A validated :func:`uotmatch.match` problem.
+
+The batch as tensors on one device and dtype, the regime, the budget, and the checks that reject
+what no plan can satisfy."""
 
 from __future__ import annotations
 
@@ -212,9 +214,11 @@ class Problem:
             raise ValueError(f"screen=True cannot apply: {why}; pass screen=None or False")
 
     def _check_feasible(self) -> None:
-        """Reject problems no plan can satisfy: a prediction with mass but nowhere to go under a
-        hard row marginal (no finite-cost column that may receive mass), and unequal total
-        masses under two hard marginals. The columns' side is :meth:`check_columns`."""
+        """Reject problems no plan can satisfy.
+
+        A prediction with mass but nowhere to go under a hard row marginal (no finite-cost column
+        that may receive mass), and unequal total masses under two hard marginals. The columns'
+        side is :meth:`check_columns`."""
         if math.isinf(self.tau1):
             col_mass, col_real = self.col_mass, self.col_real
             receives = col_real & ((col_mass > 0) | (self.tau2 == 0))  # [B, N(+1)]

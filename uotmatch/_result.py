@@ -137,8 +137,10 @@ class Matching:
         return self._fg[1]
 
     def gt_index(self, decode: str = "argmax") -> Array:
-        """``[B, M]`` int64: per prediction, its ground truth, or -1 (the background, or no
-        mass): what the assigners' ``AssignResult.gt_index`` holds. By ``decode``:
+        """Per prediction, its ground truth (``[B, M]`` int64), or -1 for none.
+
+        -1 is the background, or no mass; the assigners' ``AssignResult.gt_index`` holds the
+        same. By ``decode``:
         ``"argmax"`` (the ground truth holding the largest share of its row), ``"hungarian"``
         (the one-to-one matching carrying the most plan mass: every ground truth gets a
         prediction when there are enough) or ``"official"`` (OTA's: each column divided by its
@@ -146,8 +148,10 @@ class Matching:
         return self._item(decode_rows(self._plan, self._gt_mask, self.has_background, decode))
 
     def pairs(self, decode: str = "argmax") -> list[tuple[Array, Array]] | tuple[Array, Array]:
-        """DETR-style matches: per item a pair ``(pred_idx, gt_idx)`` of int64 index arrays
-        (CPU tensors for torch input, as DETR's matcher), sorted by prediction. ``decode``: one
+        """DETR-style matches: per item a pair ``(pred_idx, gt_idx)``.
+
+        The pairs are int64 index arrays (CPU tensors for torch input, as DETR's matcher), sorted
+        by prediction. ``decode``: one
         of :meth:`gt_index`'s, or ``"per_target"`` (each ground truth to the prediction
         holding the largest share of its column; a prediction may serve several ground truths,
         as in the ``tau1 = 0`` regime). A list of B pairs for a batched call, one pair
@@ -157,8 +161,9 @@ class Matching:
         return out if self._batched else out[0]
 
     def first_rows(self, n: int) -> Matching:
-        """The same solution restricted to the first ``n`` rows (predictions): what a matcher
-        returns after solving with extra rows of its own (a background row)."""
+        """The same solution restricted to the first ``n`` rows (predictions).
+
+        What a matcher returns after solving with extra rows of its own (a background row)."""
         potentials = self._potentials
 
         def first(fn=potentials) -> tuple[Tensor, Tensor]:

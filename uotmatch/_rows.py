@@ -1,5 +1,6 @@
-"""Selecting and gathering rows of a batch: what background screening and the compacted
-detection assigners share."""
+"""Selecting and gathering rows of a batch.
+
+What background screening and the candidate-only detection assigners share."""
 
 from __future__ import annotations
 

@@ -59,8 +59,9 @@ LOG_FLOOR = -700.0
 
 
 def margin(dtype: torch.dtype, n_cols: int) -> float:
-    """Excluded rows send less than ``exp(-margin)`` of their mass to each of ``n_cols``
-    columns: in total below ``exp(-MARGIN)`` of one ulp (relative) of the dtype."""
+    """Excluded rows send less than ``exp(-margin)`` of their mass to each of ``n_cols`` columns.
+
+    In total below ``exp(-MARGIN)`` of one ulp (relative) of the dtype."""
     return -math.log(torch.finfo(dtype).eps) + math.log(n_cols + 1) + MARGIN
 
 
@@ -144,16 +145,19 @@ class Screen:
         return (self.idx + M * torch.arange(B, device=self.idx.device).unsqueeze(1))[self.valid]
 
     def expand_plan(self, plan: Tensor, a: Tensor) -> Tensor:
-        """The full ``[B, M, N + 1]`` plan from the kept rows' ``[B, L, N + 1]``: an excluded
-        row sends its whole mass ``a_i`` to ∅."""
+        """The full ``[B, M, N + 1]`` plan from the kept rows' ``[B, L, N + 1]``.
+
+        An excluded row sends its whole mass ``a_i`` to ∅."""
         B, M = a.shape
         full = background_plan(a, plan.shape[-1])
         full.view(B * M, -1).index_copy_(0, self._rows(M), plan[self.valid])
         return full
 
     def expand_f(self, f: Tensor, g: Tensor, bg: Tensor, a: Tensor, eps: float) -> Tensor:
-        """The full ``[B, M]`` row potentials: an excluded row's is what the row update gives
-        with only its background entry, ``eps log a_i + C_i∅ - g_∅`` (0 without mass)."""
+        """The full ``[B, M]`` row potentials.
+
+        An excluded row's is what the row update gives with only its background entry, ``eps log
+        a_i + C_i∅ - g_∅`` (0 without mass)."""
         M = a.shape[1]
         full = torch.where(a > 0, eps * a.log() + bg - g[:, -1:], torch.zeros_like(a))
         full.view(-1).index_copy_(0, self._rows(M), f[self.valid])
@@ -168,10 +172,11 @@ def _declines(
     n_cols: int,
     max_kept_fraction: float,
 ) -> bool:
-    """Screening would keep more than ``max_kept_fraction`` of the rows: estimated on the
-    strided subsample ``sub`` of ``d_min`` alone, at a small fraction of a solve's cost (random
-    costs, where every row may matter, would otherwise pay for the full screening passes and
-    keep everything).
+    """Screening would keep more than ``max_kept_fraction`` of the rows.
+
+    Estimated on the strided subsample ``sub`` of ``d_min`` alone, at a small fraction of a
+    solve's cost (random costs, where every row may matter, would otherwise pay for the full
+    screening passes and keep everything).
 
     The largest price serves the ground truths' mass from the rows that hold it, so it is about
     at least the ``needed`` quantile of ``d_min`` (``needed``: the fraction of the rows whose

@@ -1,6 +1,7 @@
-"""The scaling sweeps (Sinkhorn's iteration), batched and log-stabilised: the stages of the
-solver where Newton's do not apply (gradients to carry, a short side of more than
-``_newton.MAX_LINES`` lines, large problems, a free side).
+"""The scaling sweeps (Sinkhorn's iteration), batched and log-stabilised.
+
+The stages of the solver where Newton's do not apply (gradients to carry, a short side of more
+than ``_newton.MAX_LINES`` lines, large problems, a free side).
 
 The iterations run in the *scaling* domain on a kernel ``K = exp((f + g - C) / eps)`` built at
 the current potentials (the *absorbed* ones), with ``u = exp(df / eps)`` and ``v = exp(dg /
@@ -70,7 +71,8 @@ def begin_stage(s: Solve, st: State, eps: float) -> None:
 
 
 def _constants(s: Solve, st: State) -> None:
-    """The constant parts of the log-scaling updates at the absorbed potentials:
+    """The constant parts of the log-scaling updates at the absorbed potentials.
+
     ``log u = lam1 (log a - log K v) - (1 - lam1) f / eps``, likewise ``log v``."""
     lam1, lam2 = s.rows.lam(st.eps), s.cols.lam(st.eps)
     st.c_u = lam1 * s.rows.log_mass - (1 - lam1) / st.eps * st.f
@@ -177,8 +179,10 @@ def absorb(s: Solve, st: State) -> None:
 
 
 def run_sweeps(s: Solve, st: State, final: bool) -> None:
-    """A stage of scaling sweeps: ``STAGE_ITERS`` at an intermediate stage, the rest of the
-    budget (until every item converges) at the final one."""
+    """A stage of scaling sweeps.
+
+    ``STAGE_ITERS`` at an intermediate stage, the rest of the budget (until every item converges)
+    at the final one."""
     budget = s.max_iter - st.it if final else min(STAGE_ITERS, s.max_iter - st.it - 1)
     stage_start = st.it
     for k in range(max(budget, 0)):

@@ -29,8 +29,10 @@ def prepare(
     check_every: int | None,
     newton: bool | None,
 ) -> Solve:
-    """The :class:`Solve` of :func:`solve`'s arguments: alive lines, working dtype (the
-    precision policy), the eps schedule, the check interval and whether Newton steps apply."""
+    """The :class:`Solve` of :func:`solve`'s arguments.
+
+    Alive lines, working dtype (the precision policy), the eps schedule, the check interval and
+    whether Newton steps apply."""
     B, M, N = cost.shape
     tau1, tau2 = rows.tau, cols.tau
     row_min = cost.amin(-1) if rows.cost_min is None else rows.cost_min  # [B, M]

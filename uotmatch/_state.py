@@ -1,7 +1,8 @@
-"""The solver's state and what every stage reads: the two sides of the problem
-(:class:`Marginal`), the prepared problem (:class:`Solve`), the iterate (:class:`State`), the
-errors and convergence bookkeeping, and the output. Pure tensor code: no validation and no
-container handling (that is :mod:`uotmatch._match`).
+"""The solver's state and what every stage reads.
+
+The two sides of the problem (:class:`Marginal`), the prepared problem (:class:`Solve`), the
+iterate (:class:`State`), the errors and convergence bookkeeping, and the output. Pure tensor
+code: no validation and no container handling (that is :mod:`uotmatch._match`).
 
 The problem, per batch item (see the docs' conventions page)::
 
@@ -59,9 +60,11 @@ def damping(tau: float, eps: float) -> float:
 
 @dataclass
 class Marginal:
-    """One side of the problem: the masses ``[B, L]`` of its lines (0 for an absent line, e.g. a
-    masked column), its penalty ``tau`` in ``[0, inf]`` and, when the caller has them, the minima
-    of its lines' costs ``[B, L]`` (``+inf`` where a line allows nothing).
+    """One side of the problem.
+
+    The masses ``[B, L]`` of its lines (0 for an absent line, e.g. a masked column), its penalty
+    ``tau`` in ``[0, inf]`` and, when the caller has them, the minima of its lines' costs ``[B,
+    L]`` (``+inf`` where a line allows nothing).
 
     The solver fills in ``alive`` (``[B, L]`` bool: the lines that carry mass; the others get an
     exactly zero plan and potential 0) and ``total`` (``[B]``: the mass a hard side's error is
@@ -110,8 +113,9 @@ class Marginal:
         return torch.where(self.alive & torch.isfinite(log), log, 0.0)
 
     def target(self, potential: Tensor) -> Tensor:
-        """``[B, L]`` the marginal the optimality conditions ask for at ``potential``: the
-        masses for a hard side, ``mass * exp(-potential / tau)`` for a finite one."""
+        """``[B, L]`` the marginal the optimality conditions ask for at ``potential``.
+
+        The masses for a hard side, ``mass * exp(-potential / tau)`` for a finite one."""
         if self.hard:
             return self.mass
         return torch.where(self.alive, (self.log_mass - potential / self.tau).exp(), 0.0)
@@ -160,8 +164,9 @@ def marginal_error(
     g: Tensor,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Relative L1 violation of the optimality conditions on both marginals, ``[B]``: the
-    larger of the two sides' :meth:`Marginal.error` (rows: ``P 1`` against ``a`` or ``a
+    """Relative L1 violation of the optimality conditions on both marginals, ``[B]``.
+
+    The larger of the two sides' :meth:`Marginal.error` (rows: ``P 1`` against ``a`` or ``a
     exp(-f / tau1)``; columns likewise)."""
     return torch.maximum(side_error(rows, row_mass, f, dtype), side_error(cols, col_mass, g, dtype))
 
@@ -224,8 +229,10 @@ class SolveOutput:
 
 @dataclass
 class Solve:
-    """What the steps read and never change: the cost in its working dtype (``+inf`` on dead
-    lines), both sides with their alive lines, the schedule and the budget."""
+    """What the steps read and never change.
+
+    The cost in its working dtype (``+inf`` on dead lines), both sides with their alive lines,
+    the schedule and the budget."""
 
     cost: Tensor  # [B, M, N]
     rows: Marginal
@@ -309,8 +316,9 @@ class State:
 
     @property
     def weight(self) -> Tensor:
-        """``[B, 1]`` the sweeps' relaxation weight: ``omega`` for active items, 0 for frozen
-        ones (one ``lerp`` does both)."""
+        """``[B, 1]`` the sweeps' relaxation weight.
+
+        ``omega`` for active items, 0 for frozen ones (one ``lerp`` does both)."""
         return self.omega * self.active[:, None]
 
     def fu(self, s: Solve) -> Tensor:
@@ -323,8 +331,10 @@ class State:
 
 
 def start(s: Solve, omega: float) -> State:
-    """The state before the first stage: the warm start of :func:`uotmatch._schedule.warm_start`
-    at the first stage's eps, every item active, the sweeps' relaxation weight ``omega``."""
+    """The state before the first stage.
+
+    The warm start of :func:`uotmatch._schedule.warm_start` at the first stage's eps, every item
+    active, the sweeps' relaxation weight ``omega``."""
     B = s.cost.shape[0]
     assert s.rows.cost_min is not None and s.cols.cost_min is not None
     f, g = warm_start(

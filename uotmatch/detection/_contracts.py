@@ -1,7 +1,9 @@
-"""The contracts of uotmatch.detection, in one place: what a dense assigner is called with
-(:class:`DenseInputs`, validated once) and returns (:class:`AssignResult`), what a set matcher is
-called with (:class:`SetTargets`, :func:`pad_targets`) and returns; the two base classes
-(:class:`DenseAssigner`, :class:`SetMatcher`) and the result builders the assigners share."""
+"""The contracts of uotmatch.detection, in one place.
+
+What a dense assigner is called with (:class:`DenseInputs`, validated once) and returns
+(:class:`AssignResult`), what a set matcher is called with (:class:`SetTargets`,
+:func:`pad_targets`) and returns; the two base classes (:class:`DenseAssigner`,
+:class:`SetMatcher`) and the result builders the assigners share."""
 
 from __future__ import annotations
 
@@ -74,8 +76,10 @@ class AssignResult:
 
 @dataclass
 class DenseInputs:
-    """The validated inputs of a dense assigner: points and boxes in float32 (logits keep their
-    dtype), labels int64, the mask bool, all on one device."""
+    """The validated inputs of a dense assigner.
+
+    Points and boxes in float32 (logits keep their dtype), labels int64, the mask bool, all on
+    one device."""
 
     points: Tensor  # [A, 2]
     strides: Tensor  # [A]
@@ -95,8 +99,9 @@ class DenseInputs:
     def check(
         cls, points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask, obj_logits=None
     ):
-        """Shapes, dtypes and devices, then the values in one pass (one host sync): finite
-        logits, points, strides and boxes, positive strides, real ground-truth boxes with
+        """Shapes, dtypes and devices, then the values in one pass (one host sync).
+
+        Finite logits, points, strides and boxes, positive strides, real ground-truth boxes with
         ``x2 >= x1`` and ``y2 >= y1``, labels in ``[0, K)``. Each failure is a ``ValueError``
         naming the input (and, for ground truths, the image and index)."""
         names = ("points", "strides", "cls_logits", "pred_boxes", "gt_boxes", "gt_labels")
@@ -299,9 +304,10 @@ def result_from_rows(
     gt_boxes: Tensor,
     converged: Tensor | None = None,
 ) -> AssignResult:
-    """:func:`result_from_index` for an assignment made on a subset of the anchors: ``sub_index
-    [B, L]`` (-1 = background) of the rows ``idx [B, L]`` of ``A``, with their pairwise ``ious
-    [B, L, G]``; the anchors left out are background."""
+    """:func:`result_from_index` for an assignment made on a subset of the anchors.
+
+    ``sub_index [B, L]`` (-1 = background) of the rows ``idx [B, L]`` of ``A``, with their
+    pairwise ``ious [B, L, G]``; the anchors left out are background."""
     sub_iou = ious.gather(2, sub_index.clamp_min(0)[..., None]).squeeze(-1) * (sub_index >= 0)
     return result_from_index(
         scatter_rows(sub_index, idx, A, -1),
@@ -327,9 +333,10 @@ def result_from_index(
     anchor_ious: Tensor | None = None,
     converged: Tensor | None = None,
 ) -> AssignResult:
-    """Gather the per-anchor targets of ``gt_index [B, A]`` (-1 = background); the IoU target
-    from pairwise ``ious [B, A, G]``, or given per anchor as ``anchor_ious [B, A]``;
-    ``converged [B]`` (default: all True)."""
+    """Gather the per-anchor targets of ``gt_index [B, A]`` (-1 = background).
+
+    The IoU target comes from pairwise ``ious [B, A, G]``, or given per anchor as ``anchor_ious [B,
+    A]``; ``converged [B]`` (default: all True)."""
     fg = gt_index >= 0
     if converged is None:
         converged = torch.ones(gt_index.shape[0], dtype=torch.bool, device=gt_index.device)
@@ -361,8 +368,10 @@ def result_from_index(
 
 @dataclass
 class SetTargets:
-    """DETR targets padded once per batch: ``labels [B, G]`` int64, ``boxes [B, G, 4]``
-    (normalised cxcywh, as DETR), ``gt_mask [B, G]`` bool (True on real targets, anywhere).
+    """DETR targets padded once per batch.
+
+    ``labels [B, G]`` int64, ``boxes [B, G, 4]`` (normalised cxcywh, as DETR), ``gt_mask [B, G]``
+    bool (True on real targets, anywhere).
 
     The matchers and the bundled criterion take these directly; a DETR list of dicts is
     converted with :meth:`from_list` (what the matchers do when given one).
@@ -379,9 +388,10 @@ class SetTargets:
     def from_list(
         cls, targets: Sequence[Mapping[str, Tensor]], device: torch.device | str | None = None
     ) -> SetTargets:
-        """DETR's ``[{"labels": [n_i], "boxes": [n_i, 4]}, ...]`` padded to ``G = max n_i``
-        by :func:`pad_targets` with :data:`PAD_BOX` (Hugging Face's ``"class_labels"`` is read
-        as ``"labels"``)."""
+        """DETR's ``[{"labels": [n_i], "boxes": [n_i, 4]}, ...]`` padded to ``G = max n_i``.
+
+        By :func:`pad_targets`, with :data:`PAD_BOX`; Hugging Face's ``"class_labels"`` is read
+        as ``"labels"``."""
         boxes, labels, gt_mask = pad_targets(targets, device, pad_box=PAD_BOX)
         return cls(labels, boxes, gt_mask)
 
@@ -399,8 +409,10 @@ def pad_targets(
     *,
     pad_box: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image targets padded into batch tensors: ``(gt_boxes [B, G, 4], gt_labels [B, G]
-    int64, gt_mask [B, G] bool)``, ``G = max n_i``, each image's targets first and in order.
+    """Per-image targets padded into batch tensors.
+
+    ``(gt_boxes [B, G, 4], gt_labels [B, G] int64, gt_mask [B, G] bool)``, ``G = max n_i``, each
+    image's targets first and in order.
 
     The one padder of the project: the set matchers (:meth:`SetTargets.from_list`, padding with
     :data:`PAD_BOX`), the torchvision adapter and the bundled detectors' collate use it.
@@ -451,8 +463,9 @@ def pad_targets(
 
 
 def logits_key(outputs) -> str | None:
-    """The key of ``outputs``' class logits (DETR's ``"pred_logits"``, then Hugging Face's
-    ``"logits"``), or None."""
+    """The key of ``outputs``' class logits, or None.
+
+    DETR's ``"pred_logits"``, then Hugging Face's ``"logits"``."""
     return next((k for k in _LOGIT_KEYS if isinstance(outputs, Mapping) and k in outputs), None)
 
 
@@ -511,11 +524,13 @@ def _check_outputs(outputs: Mapping[str, Tensor], targets: SetTargets, focal: bo
 
 
 class SetMatcher(nn.Module):
-    """The contract of the set matchers (DETR's): ``matcher(outputs, targets)`` returns per
-    image a pair ``(pred_idx, gt_idx)`` of int64 CPU tensors sorted by prediction, and
-    ``matcher.solve(outputs, targets)`` the :class:`~uotmatch.Matching` they come from (its
-    plan ``[B, Q, G (+1)]``; the last column, when there is one, is the background). The pairs
-    are the plan decoded by ``decode`` (:meth:`uotmatch.Matching.pairs`).
+    """The contract of the set matchers (DETR's).
+
+    ``matcher(outputs, targets)`` returns per image a pair ``(pred_idx, gt_idx)`` of int64 CPU
+    tensors sorted by prediction, and ``matcher.solve(outputs, targets)`` the
+    :class:`~uotmatch.Matching` they come from (its plan ``[B, Q, G (+1)]``; the last column,
+    when there is one, is the background). The pairs are the plan decoded by ``decode``
+    (:meth:`uotmatch.Matching.pairs`).
 
     ``outputs``: ``{"pred_logits": [B, Q, K(+1)], "pred_boxes": [B, Q, 4]}`` (normalised
     cxcywh; Hugging Face's ``"logits"`` is read as ``"pred_logits"``); ``targets``: DETR's list

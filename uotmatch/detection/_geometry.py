@@ -1,5 +1,6 @@
-"""The geometry the dense assigners share: anchor points, the inside-box and centre-prior
-tests, distances to box centres."""
+"""The geometry the dense assigners share.
+
+Anchor points, the inside-box and centre-prior tests, distances to box centres."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ STRIDES = (8, 16, 32, 64, 128)
 def feature_sizes(
     height: int, width: int, strides: Sequence[int] = STRIDES
 ) -> list[tuple[int, int]]:
-    """The feature-map sizes ``(ceil(height / s), ceil(width / s))`` a ResNet + FPN gives an
-    input of ``height x width`` pixels at each stride (stride-2 convolutions with padding)."""
+    """The feature-map sizes a ResNet + FPN gives a ``height x width`` input, per stride.
+
+    ``(ceil(height / s), ceil(width / s))``: stride-2 convolutions with padding."""
     return [(math.ceil(height / s), math.ceil(width / s)) for s in strides]
 
 
@@ -46,8 +48,9 @@ def anchor_points(
     strides: Sequence[int] = STRIDES,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """FCOS-style anchor points: the centre ``k * s + s // 2`` of each feature-map cell, level
-    after level, rows before columns.
+    """FCOS-style anchor points: the centre ``k * s + s // 2`` of each feature-map cell.
+
+    Level after level, rows before columns.
 
     Args:
         sizes: the feature-map sizes ``[(h, w), ...]``, one per stride, or an input image's
@@ -106,8 +109,10 @@ def inside_centre(
 
 
 def centre_distances(points: Tensor, gt_boxes: Tensor) -> Tensor:
-    """``[B, A, G]`` Euclidean distances from the points to the box centres, from exact
-    differences (``torch.cdist``'s matrix-product mode rounds float32 distances together)."""
+    """``[B, A, G]`` Euclidean distances from the points to the box centres.
+
+    From exact differences (``torch.cdist``'s matrix-product mode rounds float32 distances
+    together)."""
     ctr = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2]
     return (points[None, :, None, :] - ctr[:, None]).pow(2).sum(-1).sqrt()
 

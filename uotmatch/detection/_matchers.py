@@ -1,7 +1,8 @@
-"""DETR-style set matchers: Hungarian (exact one-to-one) and UOT (any regime, soft plan), with
-one contract (:class:`~uotmatch.detection.SetMatcher`): ``matcher(outputs, targets) -> [(pred_idx,
-gt_idx), ...]`` as DETR's, and ``matcher.solve(outputs, targets) -> Matching`` with the plan
-(Hungarian's is 0/1); :class:`GroupedMatcher` for group DETR."""
+"""DETR-style set matchers: Hungarian (exact one-to-one) and UOT (any regime, soft plan).
+
+They keep one contract (:class:`~uotmatch.detection.SetMatcher`): ``matcher(outputs,
+targets) -> [(pred_idx, gt_idx), ...]`` as DETR's, and ``matcher.solve(outputs, targets) ->
+Matching`` with the plan (Hungarian's is 0/1); :class:`GroupedMatcher` for group DETR."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ __all__ = ["GroupedMatcher", "HungarianMatcher", "UOTMatcher"]
 
 
 def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, solver):
-    """:func:`match` on a set-matching cost ``[B, Q, G]``. With a background column and a hard
-    target marginal, an image with more targets than queries gets a background *row* of mass
-    ``G_i - Q`` (cost 0 to every target): it takes the targets no query can, which DETR's
-    Hungarian matching leaves unmatched; the plan returned is the queries' rows only."""
+    """:func:`match` on a set-matching cost ``[B, Q, G]``.
+
+    With a background column and a hard target marginal, an image with more targets than queries
+    gets a background *row* of mass ``G_i - Q`` (cost 0 to every target): it takes the targets no
+    query can, which DETR's Hungarian matching leaves unmatched; the plan returned is the
+    queries' rows only."""
     B, Q, G = C.shape
     kw = dict(gt_mask=mask, solver=solver)
     if background_cost is None:
@@ -93,8 +96,10 @@ class HungarianMatcher(SetMatcher):
 
     @torch.no_grad()
     def solve(self, outputs, targets) -> Matching:
-        """The 0/1 plan ``[B, Q, G + 1]``: per image, scipy's assignment on the real targets
-        (``uotmatch._exact``'s, which names an infeasible image)."""
+        """The 0/1 plan ``[B, Q, G + 1]``.
+
+        Per image, scipy's assignment on the real targets (``uotmatch._exact``'s, which names an
+        infeasible image)."""
         C, targets = self.cost(outputs, targets)
         B, Q, G = C.shape
         hard = np.zeros((B, Q, G + 1), dtype=np.float32)
@@ -225,8 +230,10 @@ class UOTMatcher(SetMatcher):
 
 
 class GroupedMatcher(nn.Module):
-    """A set matcher for *group DETR* training (LW-DETR, RF-DETR: ``group_detr`` groups of
-    queries, each matched one-to-one to every target): ``GroupedMatcher(matcher)(outputs,
+    """A set matcher for *group DETR* training (LW-DETR, RF-DETR).
+
+    There ``group_detr`` groups of queries are each matched one-to-one to every target:
+    ``GroupedMatcher(matcher)(outputs,
     targets, group_detr)`` splits the ``Q`` queries into ``group_detr`` contiguous groups of
     ``Q / group_detr`` and solves all images' groups as one batch of ``B * group_detr`` items
     with ``matcher``. Per image, the groups' pairs are concatenated in group order, each group's
@@ -247,8 +254,9 @@ class GroupedMatcher(nn.Module):
 
     @staticmethod
     def split(outputs, targets, group_detr: int) -> tuple[dict[str, Tensor], SetTargets]:
-        """The outputs ``[B * g, Q / g, ...]`` and targets (each image's repeated ``g`` times)
-        of the group problems."""
+        """The outputs ``[B * g, Q / g, ...]`` and targets of the group problems.
+
+        Each image's targets are repeated ``g`` times."""
         group_detr = _checks.integer("group_detr", group_detr, low=1)
         key = logits_key(outputs)
         if key is None or "pred_boxes" not in outputs:
@@ -286,8 +294,9 @@ class GroupedMatcher(nn.Module):
         return self.pairs(self.solve(outputs, targets, group_detr), group_detr)
 
     def pairs(self, m: Matching, group_detr: int) -> Pairs:
-        """Per image, the pairs of its groups' items of ``m`` (:meth:`solve`'s), concatenated
-        in group order with each group's query indices offset by its start."""
+        """Per image, the pairs of its groups' items of ``m`` (:meth:`solve`'s).
+
+        They are concatenated in group order, each group's query indices offset by its start."""
         pairs = cast(Pairs, m.pairs(self.matcher.decode))  # torch in: tensors
         q = cast(Tensor, m.plan).shape[1]
         out = []

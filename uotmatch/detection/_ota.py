@@ -44,8 +44,9 @@ DECODINGS = ("official", "argmax")
 
 
 def decode_plan(plan: Tensor, decode: str, background_scale: Tensor | None = None) -> Tensor:
-    """Per anchor, the index of its ground truth, -1 for background, from ``plan [B, A, G +
-    1]`` (background last): :func:`uotmatch._decode.decode_rows`.
+    """Per anchor, the index of its ground truth (-1 for background), from a plan.
+
+    ``plan [B, A, G + 1]`` has the background last: :func:`uotmatch._decode.decode_rows`.
 
     ``"argmax"``: the supplier sending the anchor the largest share (the paper's wording).
     ``"official"``: each supplier's plan column is first divided by its largest entry over the
@@ -72,7 +73,8 @@ FLOW_GRAIN = 2**16
 
 
 def feasible_supplies(k: Tensor, candidate: Tensor) -> Tensor:
-    """The largest supplies ``k' <= k`` ``[B, G]`` that the candidate anchors can carry,
+    """The largest supplies ``k' <= k`` ``[B, G]`` that the candidate anchors can carry.
+
     ``candidate [B, A, G]``, each anchor taking one unit: a maximum flow from the ground truths
     through the candidate pairs (``scipy.sparse.csgraph.maximum_flow``, one graph for the
     batch, to ``1 / FLOW_GRAIN``), computed only for the images where some anchor is a
@@ -203,8 +205,10 @@ class UOTAssigner(DenseAssigner):
         return self.solver.tol
 
     def candidates(self, points: Tensor, strides: Tensor, gt_boxes: Tensor, gt_mask: Tensor):
-        """``[B, A, G]`` bool centre prior: inside the box and within ``radius * stride`` of its
-        centre (a real ground truth holding no point keeps its nearest one)."""
+        """``[B, A, G]`` bool centre prior.
+
+        Inside the box and within ``radius * stride`` of its centre (a real ground truth holding
+        no point keeps its nearest one)."""
         # Inside the centre square clipped to the box, and inside the box by INSIDE_MARGIN:
         # the box part of the clip is implied by the margin, so the square is not clipped.
         candidate = inside_boxes(points, gt_boxes, INSIDE_MARGIN) & inside_centre(
@@ -231,8 +235,10 @@ class UOTAssigner(DenseAssigner):
         gt_labels: Tensor,
         gt_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The dense problem over all anchors (the assigner's inputs): ``cost [B, A, G]``,
-        ``background [B, A]``, ``ious [B, A, G]`` and the centre prior ``candidate [B, A, G]``."""
+        """The dense problem over all anchors (the assigner's inputs).
+
+        ``cost [B, A, G]``, ``background [B, A]``, ``ious [B, A, G]`` and the centre prior
+        ``candidate [B, A, G]``."""
         x = DenseInputs.check(points, strides, cls_logits, pred_boxes, gt_boxes, gt_labels, gt_mask)
         candidate = self.candidates(x.points, x.strides, x.gt_boxes, x.gt_mask)
         cost, background, ious = self.pair_costs(
@@ -293,8 +299,9 @@ class UOTAssigner(DenseAssigner):
         return result_from_index(gt_index, x.gt_labels, x.gt_boxes, ious, converged=m.converged)
 
     def _assign_candidates(self, x: DenseInputs) -> AssignResult:
-        """Balanced OT over the candidate anchors only; the rest take background. Costs are
-        computed for the candidates alone (a few percent of the anchors)."""
+        """Balanced OT over the candidate anchors only; the rest take background.
+
+        Costs are computed for the candidates alone (a few percent of the anchors)."""
         candidate = self.candidates(x.points, x.strides, x.gt_boxes, x.gt_mask)
         B, A, G = candidate.shape
         idx, real = candidate_rows(candidate.any(-1))  # [B, L]

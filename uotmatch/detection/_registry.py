@@ -1,6 +1,7 @@
-"""Assigners and matchers by name (the names of the bundled CLIs' ``--assigner`` and
-``--matcher``), with their options checked: an option the named one does not take is an error
-that lists the ones it does take."""
+"""Assigners and matchers by name, with their options checked.
+
+The names are those of the bundled CLIs' ``--assigner`` and ``--matcher``; an option the named one
+does not take is an error that lists the ones it does take."""
 
 from __future__ import annotations
 

@@ -54,8 +54,9 @@ def _levels(strides: Tensor) -> list[tuple[int, int, float]]:
 
 
 class SimOTAAssigner(DenseAssigner):
-    """YOLOX's SimOTA (Ge et al., 2021): OTA's costs, dynamic k, and a top-k shortcut for the
-    transport problem.
+    """YOLOX's SimOTA (Ge et al., 2021).
+
+    OTA's costs, dynamic k, and a top-k shortcut for the transport problem.
 
     Candidates follow ``geometry`` (:data:`SIMOTA_GEOMETRIES`); the cost of a pair is
     ``cls_weight * BCE(scores, one-hot class) + iou_weight * -log IoU`` plus the geometry's

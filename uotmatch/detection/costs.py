@@ -1,5 +1,6 @@
-"""The matching costs of the assigners and matchers, written once; the bundled detectors' losses
-reuse the same terms.
+"""The matching costs of the assigners and matchers, written once.
+
+The bundled detectors' losses reuse the same terms.
 
 Every classification term comes as a pair ``(pair, background)``: ``pair [B, A, G]`` is the loss
 of each prediction against each ground truth's one-hot class (summed over the classes), and
@@ -37,15 +38,18 @@ IOU_LOG_FLOOR = float(torch.finfo(torch.float32).eps)
 
 
 def one_hot_terms(pos: Tensor, neg: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-class losses against target 1 (``pos``) and 0 (``neg``), both ``[B, A, K]``, summed
-    against one-hot targets: ``(pair [B, A, G], background [B, A])`` for ``labels [B, G]``."""
+    """Per-class losses against target 1 and 0, summed against one-hot targets.
+
+    ``pos`` and ``neg`` are ``[B, A, K]``; the result is ``(pair [B, A, G], background [B, A])``
+    for ``labels [B, G]``."""
     background = neg.sum(-1)  # [B, A]
     index = labels[:, None, :].expand(-1, pos.shape[1], -1)  # [B, A, G]
     return background[..., None] + (pos - neg).gather(2, index), background
 
 
 def focal_elementwise(logits: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor]:
-    """Sigmoid focal loss (Lin et al., 2017) of each logit against target 1 and target 0,
+    """Sigmoid focal loss (Lin et al., 2017) of each logit against target 1 and target 0.
+
     ``(pos, neg)`` of ``logits``' shape, in float32 or wider. ``-log p = softplus(-x)`` and
     ``-log(1 - p) = softplus(x)``: exact for saturated logits."""
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -58,14 +62,17 @@ def focal_elementwise(logits: Tensor, alpha: float, gamma: float) -> tuple[Tenso
 def focal_terms(
     logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0
 ) -> tuple[Tensor, Tensor]:
-    """Sigmoid focal loss summed over classes: ``(pair [B, A, G], background [B, A])``, the OTA
-    classification cost (``logits [B, A, K]``, ``labels [B, G]``)."""
+    """Sigmoid focal loss summed over classes.
+
+    ``(pair [B, A, G], background [B, A])``, the OTA classification cost (``logits [B, A, K]``,
+    ``labels [B, G]``)."""
     return one_hot_terms(*focal_elementwise(logits, alpha, gamma), labels)
 
 
 def bce_terms(prob: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Binary cross-entropy of probabilities ``[B, A, K]`` summed over classes: ``(pair [B, A,
-    G], background [B, A])``, the SimOTA classification cost. torch's
+    """Binary cross-entropy of probabilities ``[B, A, K]`` summed over classes.
+
+    ``(pair [B, A, G], background [B, A])``, the SimOTA classification cost. torch's
     ``binary_cross_entropy`` (each log clamped at -100), as YOLOX computes it."""
     p = prob.float() if prob.dtype in (torch.float16, torch.bfloat16) else prob
     pos = F.binary_cross_entropy(p, torch.ones_like(p), reduction="none")
@@ -74,9 +81,11 @@ def bce_terms(prob: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def iou_cost(ious: Tensor, *, floor: bool = False) -> Tensor:
-    """The regression cost ``-log IoU``: as YOLOX's SimOTA, ``-log(IoU + IOU_LOG_EPS)``; with
-    ``floor``, as the official OTA code, ``-log(max(IoU, IOU_LOG_FLOOR))`` (the two differ on
-    pairs that do not overlap: 18.4 against 15.9)."""
+    """The regression cost ``-log IoU``.
+
+    As YOLOX's SimOTA, ``-log(IoU + IOU_LOG_EPS)``; with ``floor``, as the official OTA code,
+    ``-log(max(IoU, IOU_LOG_FLOOR))`` (the two differ on pairs that do not overlap: 18.4 against
+    15.9)."""
     if floor:
         return -ious.clamp_min(IOU_LOG_FLOOR).log()
     return -(ious + IOU_LOG_EPS).log()
@@ -94,8 +103,7 @@ def detr_class_cost(
     focal_gamma: float = 2.0,
     focal_eps: float = DETR_FOCAL_EPS,
 ) -> Tensor:
-    """DETR's classification cost ``[B, Q, G]`` of ``logits [B, Q, K(+1)]`` for ``labels [B,
-    G]``.
+    """DETR's classification cost ``[B, Q, G]`` of ``logits [B, Q, K(+1)]`` for ``labels [B, G]``.
 
     Softmax (``focal=False``, the no-object logit last): ``-p(target class)``, as DETR. Focal
     (``K`` sigmoid logits, as Deformable-DETR, DINO and RT-DETR): ``alpha (1 - p)^gamma (-log(p
@@ -119,8 +127,9 @@ def detr_class_cost(
 
 
 def detr_box_costs(pred_boxes: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """DETR's box costs between predictions ``[B, Q, 4]`` and targets ``[B, G, 4]`` (normalised
-    cxcywh): the L1 distance and the GIoU (of the xyxy boxes), ``[B, Q, G]`` each."""
+    """DETR's box costs between predictions ``[B, Q, 4]`` and targets ``[B, G, 4]``.
+
+    Both normalised cxcywh: the L1 distance and the GIoU (of the xyxy boxes), ``[B, Q, G]`` each."""
     pb, tb = pred_boxes.float(), boxes.float()
     l1 = torch.cdist(pb, tb, p=1)
     return l1, generalized_box_iou(box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(tb))

@@ -25,10 +25,12 @@ __all__ = ["loss_weights", "plan_box_losses", "plan_cross_entropy", "plan_focal_
 
 @torch.no_grad()
 def loss_weights(m: Matching, num_targets: int, decode: str | None = None) -> tuple[Tensor, Tensor]:
-    """``(plan [B, Q, G], background [B, Q])`` from a set matcher's :class:`~uotmatch.Matching`
-    (``G = num_targets``, the padded target count): the plan itself (``decode=None``) or the
-    0/1 plan of the pairs it decodes to (one of :data:`uotmatch.DECODINGS`). A query's
-    background share is the plan's background column, or what its row leaves of its unit."""
+    """The weights ``(plan [B, Q, G], background [B, Q])`` of a set matcher's matching.
+
+    From its :class:`~uotmatch.Matching` (``G = num_targets``, the padded target count): the plan
+    itself (``decode=None``) or the 0/1 plan of the pairs it decodes to (one of
+    :data:`uotmatch.DECODINGS`). A query's background share is the plan's background column, or
+    what its row leaves of its unit."""
     plan = cast(Tensor, m.plan).float()  # a set matcher's Matching holds tensors
     B, Q = plan.shape[:2]
     if decode is not None:
@@ -44,10 +46,11 @@ def loss_weights(m: Matching, num_targets: int, decode: str | None = None) -> tu
 def plan_cross_entropy(
     logits: Tensor, labels: Tensor, plan: Tensor, background: Tensor, eos_coef: float
 ) -> Tensor:
-    """DETR's softmax cross-entropy, plan-weighted: ``logits [B, Q, K + 1]`` (the last class is
-    no-object, weighted ``eos_coef``), ``labels [B, G]``. The weighted mean of
-    ``torch.nn.functional.cross_entropy`` with DETR's class weights: at a 0/1 plan, DETR's
-    ``loss_ce``."""
+    """DETR's softmax cross-entropy, plan-weighted.
+
+    ``logits [B, Q, K + 1]`` (the last class is no-object, weighted ``eos_coef``), ``labels [B,
+    G]``. The weighted mean of ``torch.nn.functional.cross_entropy`` with DETR's class weights:
+    at a 0/1 plan, DETR's ``loss_ce``."""
     logp = logits.float().log_softmax(-1)
     index = labels[:, None, :].expand(-1, logits.shape[1], -1)  # [B, Q, G]
     ce_pair = -logp.gather(2, index)
@@ -65,16 +68,18 @@ def plan_focal_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
 ) -> Tensor:
-    """The sigmoid focal loss summed over classes and queries, plan-weighted: ``logits [B, Q,
-    K]`` (no no-object logit), ``labels [B, G]``. Divide by the number of boxes for
-    Deformable-DETR's ``loss_ce``."""
+    """The sigmoid focal loss summed over classes and queries, plan-weighted.
+
+    ``logits [B, Q, K]`` (no no-object logit), ``labels [B, G]``. Divide by the number of boxes
+    for Deformable-DETR's ``loss_ce``."""
     pair, bg = focal_terms(logits, labels, alpha, gamma)
     return (plan * pair).sum() + (background * bg).sum()
 
 
 def plan_box_losses(pred_boxes: Tensor, boxes: Tensor, plan: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum_ij P_ij |b_i - b_j|_1, sum_ij P_ij (1 - GIoU_ij))`` for normalised cxcywh
-    ``pred_boxes [B, Q, 4]`` and ``boxes [B, G, 4]``; divide by the number of boxes for DETR's
-    ``loss_bbox`` and ``loss_giou``."""
+    """``(sum_ij P_ij |b_i - b_j|_1, sum_ij P_ij (1 - GIoU_ij))``: the plan-weighted box losses.
+
+    For normalised cxcywh ``pred_boxes [B, Q, 4]`` and ``boxes [B, G, 4]``; divide by the number of
+    boxes for DETR's ``loss_bbox`` and ``loss_giou``."""
     l1, giou = detr_box_costs(pred_boxes, boxes)  # [B, Q, G]
     return (plan * l1).sum(), (plan * (1 - giou)).sum()

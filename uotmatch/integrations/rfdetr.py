@@ -50,9 +50,10 @@ def _criterion(target) -> SetCriterion:
 
 
 def matcher_from_criterion(target, name: str = "uot", **options) -> SetMatcher:
-    """The matcher ``name`` (``"uot"`` or ``"hungarian"``) with the matching costs of RF-DETR's
-    criterion (``cost_class``, ``cost_bbox``, ``cost_giou``, ``focal_alpha``; gamma 2, exact
-    focal form); ``options`` are the matcher's other keywords and may override them."""
+    """The matcher ``name`` (``"uot"`` or ``"hungarian"``) with RF-DETR's matching costs.
+
+    Those of its criterion (``cost_class``, ``cost_bbox``, ``cost_giou``, ``focal_alpha``; gamma 2,
+    exact focal form); ``options`` are the matcher's other keywords and may override them."""
     stock = _criterion(target).matcher
     stock = getattr(stock, "stock", stock)  # under ours: the one it replaced
     costs = dict(
@@ -68,10 +69,11 @@ def matcher_from_criterion(target, name: str = "uot", **options) -> SetMatcher:
 
 
 class RFDETRMatcher(nn.Module):
-    """A :class:`~uotmatch.detection.SetMatcher` called as RF-DETR's: ``(outputs, targets,
-    group_detr=1)``, all groups in one batched solve. ``calls`` counts the matchings (one per
-    layer and step) and ``unconverged`` the (image, group) items whose solve missed ``tol``;
-    ``stock`` is the matcher it replaced."""
+    """A :class:`~uotmatch.detection.SetMatcher` called as RF-DETR's.
+
+    ``(outputs, targets, group_detr=1)``, all groups in one batched solve. ``calls`` counts the
+    matchings (one per layer and step) and ``unconverged`` the (image, group) items whose solve
+    missed ``tol``; ``stock`` is the matcher it replaced."""
 
     def __init__(self, matcher: SetMatcher, stock: nn.Module | None = None):
         super().__init__()

@@ -69,9 +69,10 @@ def use_assigner(model: FCOS | RetinaNet, assigner: DenseAssigner) -> FCOS | Ret
 
 
 class _NonNegativeTargets(BoxLinearCoder):
-    """FCOS's box coder whose encoded regression targets (used for the centerness target only)
-    are at least 0: a point outside its box gets centerness 0 rather than the square root of a
-    negative number."""
+    """FCOS's box coder whose encoded regression targets are at least 0.
+
+    They are used for the centerness target only: a point outside its box gets centerness 0 rather
+    than the square root of a negative number."""
 
     def encode(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
         return super().encode(reference_boxes, proposals).clamp_min(0)
@@ -96,8 +97,10 @@ def _assign(model, targets, cls_logits: Tensor, pred_boxes: Tensor, anchors, str
 
 
 def _level_strides(anchors0: Tensor, num_anchors_per_level: Sequence[int]) -> Tensor:
-    """``[A]`` the stride of each anchor's level: the spacing of its level's anchor centres (a
-    level of one location takes twice the previous level's)."""
+    """``[A]`` the stride of each anchor's level.
+
+    The spacing of its level's anchor centres (a level of one location takes twice the previous
+    level's)."""
     strides, start, previous = [], 0, None
     centres = (anchors0[:, :2] + anchors0[:, 2:]) / 2
     for n in num_anchors_per_level:
@@ -116,8 +119,9 @@ def _level_strides(anchors0: Tensor, num_anchors_per_level: Sequence[int]) -> Te
 
 
 class _AssignedFCOS(FCOS):
-    """torchvision's ``FCOS`` whose ``compute_loss`` matches with ``uotmatch_assigner`` (a
-    module-level class: the model deep-copies, averages and pickles as any torchvision model)."""
+    """torchvision's ``FCOS`` whose ``compute_loss`` matches with ``uotmatch_assigner``.
+
+    A module-level class: the model deep-copies, averages and pickles as any torchvision model."""
 
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
         return _fcos_compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level)
@@ -139,10 +143,11 @@ def _fcos_compute_loss(self, targets, head_outputs, anchors, num_anchors_per_lev
 
 
 def _retinanet_compute_loss(self, targets, head_outputs, anchors):
-    """torchvision's ``RetinaNet.compute_loss`` with the assigner's matching. Its anchors come
-    level after level, ``A`` per location; the levels are told apart by the anchor sizes of
-    ``model.anchor_generator`` (every anchor of level ``l`` has an area of one of its sizes
-    squared)."""
+    """torchvision's ``RetinaNet.compute_loss`` with the assigner's matching.
+
+    Its anchors come level after level, ``A`` per location; the levels are told apart by the
+    anchor sizes of ``model.anchor_generator`` (every anchor of level ``l`` has an area of one of
+    its sizes squared)."""
     anchors0 = anchors[0]
     side = ((anchors0[:, 2] - anchors0[:, 0]) * (anchors0[:, 3] - anchors0[:, 1])).sqrt()
     sizes = [

@@ -160,8 +160,9 @@ def _stock_loss(model: nn.Module) -> Callable:
 
 
 def matcher_from_config(model_or_config, name: str = "uot", **options) -> SetMatcher:
-    """The matcher ``name`` (``"uot"`` or ``"hungarian"``, :func:`~uotmatch.detection.
-    build_matcher`) with the model's matching costs: the weights of its config
+    """The matcher ``name`` (``"uot"`` or ``"hungarian"``) with the model's matching costs.
+
+    Built by :func:`~uotmatch.detection.build_matcher`; the costs are the weights of its config
     (``class_cost``/``bbox_cost``/``giou_cost``, RT-DETR's and D-FINE's ``matcher_*``) and its
     class cost (softmax for DETR; the focal cost with the family's alpha and gamma otherwise).
     ``options`` are the matcher's other keywords (``eps``, ``tau1``, ``tau2``, ``decode``, ...)
@@ -247,8 +248,9 @@ def _rebind(fn: Callable, replace: Mapping[str, object], adapter: _HFMatcher) ->
 
 
 def _with_matcher(criterion: type, adapter: _HFMatcher) -> type:
-    """``criterion`` (RT-DETR's, D-FINE's: they build their matcher in ``__init__``) with
-    ``adapter`` as its matcher."""
+    """``criterion`` with ``adapter`` as its matcher.
+
+    For RT-DETR's and D-FINE's, which build their matcher in ``__init__``."""
 
     class WithMatcher(criterion):
         def __init__(self, *args, **kwargs):
@@ -268,9 +270,10 @@ class _PlanPairs(list):
 
 
 class _HFMatcher(nn.Module):
-    """A :class:`~uotmatch.detection.SetMatcher` called as HF's matchers are: ``(outputs,
-    targets)`` (LW-DETR: ``(outputs, targets, group_detr)``); returns HF's indices, with the
-    plan when the loss is plan-weighted."""
+    """A :class:`~uotmatch.detection.SetMatcher` called as HF's matchers are.
+
+    ``(outputs, targets)`` (LW-DETR: ``(outputs, targets, group_detr)``); returns HF's indices,
+    with the plan when the loss is plan-weighted."""
 
     def __init__(self, matcher: SetMatcher, plan: bool, grouped: bool):
         super().__init__()
@@ -300,8 +303,9 @@ class _HFMatcher(nn.Module):
 
 
 def _plan_criterion(criterion: type) -> type:
-    """HF's ``ImageLoss`` / ``DeformableDetrImageLoss`` with plan-weighted ``loss_labels`` and
-    ``loss_boxes``; equal to HF's own terms at a 0/1 plan."""
+    """HF's ``ImageLoss`` / ``DeformableDetrImageLoss`` with plan-weighted terms.
+
+    ``loss_labels`` and ``loss_boxes`` weighted by the plan: HF's own terms at a 0/1 plan."""
 
     class PlanWeighted(criterion):
         def loss_labels(self, outputs, targets, indices, num_boxes):

@@ -1,5 +1,6 @@
-"""uotmatch's assigners inside Ultralytics YOLO (v8-style detection heads), and its set
-matchers inside Ultralytics RT-DETR (:func:`rtdetr_trainer`).
+"""uotmatch's assigners inside Ultralytics YOLO, and its set matchers inside RT-DETR.
+
+YOLO: v8-style detection heads (:func:`trainer`); RT-DETR: :func:`rtdetr_trainer`.
 
     from ultralytics import YOLO
     from uotmatch.detection import OTAAssigner
@@ -49,8 +50,10 @@ PROB_CLAMP = 1e-7
 
 
 def grid_strides(points: Tensor, strides: list[float] | None = None) -> Tensor:
-    """``[A]`` the stride of each anchor point of Ultralytics' grid (``(i + 0.5) * s`` per
-    level, ``s`` a power of two): the largest power of two dividing ``2 x`` and ``2 y``."""
+    """``[A]`` the stride of each anchor point of Ultralytics' grid.
+
+    The grid is ``(i + 0.5) * s`` per level, ``s`` a power of two: the stride is the largest power
+    of two dividing ``2 x`` and ``2 y``."""
     twice = (2 * points).round().long()  # exact: the points are half-integers times s
     lowest = twice & -twice  # the lowest set bit
     s = torch.minimum(lowest[:, 0], lowest[:, 1]).to(points.dtype)
@@ -65,8 +68,9 @@ def grid_strides(points: Tensor, strides: list[float] | None = None) -> Tensor:
 
 
 class TaskAssigner(nn.Module):
-    """A drop-in for Ultralytics' ``TaskAlignedAssigner``: the same call and returns, the
-    assignment made by ``assigner``.
+    """A drop-in for Ultralytics' ``TaskAlignedAssigner``.
+
+    The same call and returns, the assignment made by ``assigner``.
 
     ``forward(pd_scores [b, A, nc] probabilities, pd_bboxes [b, A, 4] xyxy pixels, anc_points
     [A, 2] pixels, gt_labels [b, n, 1], gt_bboxes [b, n, 4], mask_gt [b, n, 1])`` returns
@@ -132,8 +136,9 @@ def _is_rtdetr(model) -> bool:
 
 
 def trainer(assigner: DenseAssigner) -> type[DetectionTrainer]:
-    """A ``DetectionTrainer`` subclass whose model's loss assigns with ``assigner``: pass it as
-    ``YOLO("yolov8n.yaml").train(..., trainer=trainer(OTAAssigner()))``.
+    """A ``DetectionTrainer`` subclass whose model's loss assigns with ``assigner``.
+
+    Pass it as ``YOLO("yolov8n.yaml").train(..., trainer=trainer(OTAAssigner()))``.
 
     The model stays Ultralytics' own ``DetectionModel``: the trainer sets its loss criterion
     (``v8DetectionLoss`` with :class:`TaskAssigner`), which Ultralytics strips from every
@@ -172,11 +177,12 @@ def trainer(assigner: DenseAssigner) -> type[DetectionTrainer]:
 
 
 class RTDETRMatcher(nn.Module):
-    """A :class:`~uotmatch.detection.SetMatcher` called as Ultralytics' RT-DETR
-    ``HungarianMatcher``: ``(pred_bboxes [b, nq, 4], pred_scores [b, nq, nc] logits,
-    gt_bboxes [n, 4], gt_cls [n], gt_groups)`` (normalised cxcywh; the ground truths of all
-    images concatenated, ``gt_groups`` of them per image) -> per image ``(query indices,
-    indices into the concatenated ground truths)``.
+    """A :class:`~uotmatch.detection.SetMatcher` called as Ultralytics' RT-DETR matcher.
+
+    The call is its ``HungarianMatcher``'s: ``(pred_bboxes [b, nq, 4], pred_scores [b, nq, nc]
+    logits, gt_bboxes [n, 4], gt_cls [n], gt_groups)`` (normalised cxcywh; the ground truths of all
+    images concatenated, ``gt_groups`` of them per image) -> per image ``(query indices, indices
+    into the concatenated ground truths)``.
 
     ``calls`` counts the matchings made and ``unconverged`` the images among them whose solve
     missed ``tol``.
@@ -216,8 +222,10 @@ class RTDETRMatcher(nn.Module):
 
 
 def rtdetr_trainer(matcher: SetMatcher) -> type[RTDETRTrainer]:
-    """An ``RTDETRTrainer`` subclass whose loss matches with ``matcher``: pass it as
-    ``RTDETR("rtdetr-l.yaml").train(..., trainer=rtdetr_trainer(UOTMatcher(focal=True)))``.
+    """An ``RTDETRTrainer`` subclass whose loss matches with ``matcher``.
+
+    Pass it as ``RTDETR("rtdetr-l.yaml").train(...,
+    trainer=rtdetr_trainer(UOTMatcher(focal=True)))``.
 
     What changes: the matcher of Ultralytics' ``RTDETRDetectionLoss`` (its ``HungarianMatcher``
     with class / bbox / GIoU gains 2 / 5 / 2 and the focal class cost: ``HungarianMatcher(
