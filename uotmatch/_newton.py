@@ -46,6 +46,7 @@ import math
 import torch
 from torch import Tensor
 
+from uotmatch._precision import threshold_
 from uotmatch._state import Solve, State, freeze, optimal_translation, side_error
 
 __all__ = [
@@ -150,7 +151,7 @@ def _columns(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor]:
     lam2 = s.cols.lam(st.eps)
     z = torch.add(st.W, lu.unsqueeze(-1))  # [B, M, N], -inf on forbidden pairs and dead lines
     top = z.amax(1, keepdim=True).nan_to_num_(neginf=0.0)  # [B, 1, N]; 0 for an empty column
-    E = torch.nn.functional.threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0)  # type: ignore[attr-defined]
+    E = threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0)
     top = top.squeeze(1)
     lse = E.sum(1).clamp_min_(1e-300).log_().add_(top)  # LSE_i (f_i + g0_j - C_ij) / eps
     lv = (s.cols.log_mass - lse).mul_(lam2)

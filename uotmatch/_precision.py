@@ -170,3 +170,10 @@ def cast_plan(plan: Tensor, dtype: torch.dtype) -> Tensor:
     if plan.numel() and bool((plan > torch.finfo(dtype).max).any()):
         raise overflow_error(float(plan.amax()), dtype)
     return plan.to(dtype)
+
+
+def threshold_(x: torch.Tensor, threshold: float, value: float) -> torch.Tensor:
+    """In place: the entries of ``x`` at or below ``threshold`` become ``value``.
+
+    torch's ``threshold_``, which exists at run time but not in torch's type stubs."""
+    return torch.nn.functional.threshold_(x, threshold, value)  # type: ignore[attr-defined]

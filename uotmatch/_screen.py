@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from uotmatch._precision import threshold_
 from uotmatch._rows import candidate_rows, gather_rows
 
 #: Screening is tried from this many rows (predictions) on; below, building the kernel is cheap.
@@ -82,8 +83,7 @@ def price_bound(D: Tensor, a: Tensor, b: Tensor, eps: float) -> Tensor:
     x = torch.maximum(x, top + LOG_FLOOR)  # exp is slow on CPU for huge negative arguments
     log_w = x.logsumexp(-1, keepdim=True)  # log W_i
     cap = (x - torch.where(top > -math.inf, log_w, math.inf)).exp_()  # softmax; 0 if forbidden
-    # Floored entries are 0 (threshold_ exists at run time; torch's stubs omit it).
-    cap = torch.nn.functional.threshold_(cap, math.exp(LOG_FLOOR + 10), 0.0)  # type: ignore[attr-defined]
+    cap = threshold_(cap, math.exp(LOG_FLOOR + 10), 0.0)  # floored entries are 0
     mid, order = log_w.squeeze(-1).neg().sort(-1)  # sigmoid midpoints -log W_i, ascending
     cap = gather_rows(cap.mul_(a.double().unsqueeze(-1)), order)
     cum = cap.cumsum(1).mT.contiguous()  # [B, N, R]

@@ -67,7 +67,8 @@ def begin_stage(s: Solve, st: State, eps: float) -> None:
     st.log_u, st.log_v = torch.zeros_like(st.f), torch.zeros_like(st.g)
     st.u, st.v = torch.ones_like(st.f), torch.ones_like(st.g)
     _constants(s, st)
-    st.Kv, st.KTu = st.K.sum(-1), None  # type: ignore[assignment]  # K @ 1; K^T u: next sweep
+    # K @ 1; K^T u is made by the next sweep.
+    st.Kv, st.KTu = st.K.sum(-1), None  # type: ignore[assignment]
 
 
 def _constants(s: Solve, st: State) -> None:

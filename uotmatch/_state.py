@@ -207,7 +207,7 @@ def kernel(cost: Tensor, f: Tensor, g: Tensor, eps: float, out: Tensor | None = 
     cutoff = math.exp(floor) * (1 + 1e-4)
     if torch.is_grad_enabled() and x.requires_grad:  # autograd needs exp's output intact
         return torch.nn.functional.threshold(x.clamp_min(floor).exp(), cutoff, 0.0)
-    return torch.nn.functional.threshold_(x.clamp_min_(floor).exp_(), cutoff, 0.0)  # type: ignore[attr-defined]
+    return _precision.threshold_(x.clamp_min_(floor).exp_(), cutoff, 0.0)
 
 
 @dataclass

@@ -128,5 +128,6 @@ def use_matcher(target, matcher: SetMatcher | str = "uot", **options):
         )
     stock = criterion.matcher
     # rfdetr annotates the attribute with its HungarianMatcher; ours takes the same call.
-    criterion.matcher = RFDETRMatcher(matcher, stock=getattr(stock, "stock", stock))  # type: ignore[assignment]
+    ours = RFDETRMatcher(matcher, stock=getattr(stock, "stock", stock))
+    criterion.matcher = ours  # type: ignore[assignment]
     return target

@@ -231,7 +231,8 @@ def use_matcher(
         replace[family.matcher] = lambda *args, **kwargs: adapter
     if loss == "plan" and family.criterion is not None:  # None with "plan": refused above
         replace[family.criterion] = _plan_criterion(family.stock.__globals__[family.criterion])
-    model.loss_function = _rebind(family.stock, replace, adapter)  # type: ignore[assignment]
+    rebound = _rebind(family.stock, replace, adapter)
+    model.loss_function = rebound  # type: ignore[assignment]
     return model
 
 
