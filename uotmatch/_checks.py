@@ -43,8 +43,10 @@ def real(
     allow_inf: bool = False,
     allow_none: bool = False,
 ) -> float | None:
-    """``x`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``); ``+inf`` only
-    with ``allow_inf``, ``None`` only with ``allow_none``."""
+    """``x`` as a float in ``[low, high]``.
+
+    ``(low, high]`` with ``low_open``; ``+inf`` only with ``allow_inf``, ``None`` only with
+    ``allow_none``."""
     if x is None and allow_none:
         return None
     x = _scalar(x)
@@ -66,8 +68,9 @@ def real(
 
 
 def _scalar(x: Any) -> Any:
-    """A 0-d (or one-element numpy scalar) real tensor or array as its Python number; anything
-    else unchanged (and judged by the caller)."""
+    """A 0-d real tensor or array (or numpy scalar) as its Python number.
+
+    Anything else comes back unchanged, to be judged by the caller."""
     if type(x).__module__.startswith(("torch", "numpy")) and getattr(x, "ndim", None) == 0:
         dtype = str(getattr(x, "dtype", ""))
         if not any(k in dtype for k in ("bool", "complex")):

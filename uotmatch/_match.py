@@ -227,8 +227,10 @@ def _solve_exact(p: Problem) -> _Solution:
 
 
 def _screen_rows(p: Problem) -> _screen.Screen | None:
-    """Background screening (balanced, with a background column, no gradients), when asked
-    for (``screen=True``) or when it pays (``screen=None``: from ``_screen.MIN_ROWS`` rows)."""
+    """Background screening, when it applies and is asked for or pays.
+
+    It applies to balanced problems with a background column and no gradients; it is asked for
+    with ``screen=True`` and pays (``screen=None``) from ``_screen.MIN_ROWS`` rows."""
     applies = p.balanced and p.has_background and not p.grad
     if p.screen is False or not applies:
         return None
@@ -241,9 +243,10 @@ def _screen_rows(p: Problem) -> _screen.Screen | None:
 
 
 def _run(p: Problem, cost: Tensor, rows: Marginal, cols: Marginal, transpose: bool, **kw):
-    """The solver on ``cost`` (``[B, M, N]``, or its transpose, then ``rows`` and ``cols`` swap
-    places in the call); returns the output and ``(plan, f, g)`` in the problem's orientation
-    and dtype."""
+    """The solver on ``cost``, back in the problem's orientation and dtype.
+
+    ``cost`` is ``[B, M, N]``, or its transpose (then ``rows`` and ``cols`` swap places in the
+    call); returns the output and ``(plan, f, g)``."""
     with torch.set_grad_enabled(p.grad):
         first, second = (cols, rows) if transpose else (rows, cols)
         out = solve(
@@ -282,8 +285,9 @@ def _solve_dense(p: Problem) -> _Solution:
 
 
 def _solve_screened(p: Problem, screen: _screen.Screen) -> _Solution:
-    """Solve the kept rows of a screened balanced problem and put the full plan ``[B, M, N +
-    1]``, potentials and errors back together."""
+    """Solve the kept rows of a screened balanced problem, then rebuild the full solution.
+
+    The plan ``[B, M, N + 1]``, the potentials and the errors."""
     N = p.cost.shape[2]
     assert p.background is not None  # screened problems have a background column
     a_k = screen.kept_mass(p.a)
@@ -350,8 +354,10 @@ def _slow_cause(p: Problem) -> str:
 
 
 def _wrap(p: Problem, s: _Solution) -> Matching:
-    """The :class:`Matching` in the caller's container; a plan that is not finite, or does not
-    fit the caller's dtype, is an error rather than an answer."""
+    """The :class:`Matching` in the caller's container.
+
+    A plan that is not finite, or does not fit the caller's dtype, is an error rather than an
+    answer."""
     plan = s.plan
     if not bool(s.finite.all()):  # the solvers' own check: no pass over the plan here
         finite = plan[torch.isfinite(plan)]

@@ -144,10 +144,11 @@ def _anchor(s: Solve, st: State, f: Tensor, g: Tensor) -> None:
 
 
 def _columns(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor]:
-    """The columns' exact update ``lv [B, N]`` at the rows' ``lu [B, M]``, and the plan
-    ``P [B, M, N] = exp(W + lu + lv)``, from one pass of ``exp`` (stable whatever ``lu``: each
-    column is scaled by its largest entry first). With ``lam2 = 1``, ``lv = log b - LSE_i(W_ij +
-    lu_i)``: no large terms cancel."""
+    """The columns' exact update ``lv [B, N]`` at the rows' ``lu [B, M]``, and the plan.
+
+    The plan is ``P [B, M, N] = exp(W + lu + lv)``, from one pass of ``exp`` (stable whatever
+    ``lu``: each column is scaled by its largest entry first). With ``lam2 = 1``, ``lv = log b -
+    LSE_i(W_ij + lu_i)``: no large terms cancel."""
     lam2 = s.cols.lam(st.eps)
     z = torch.add(st.W, lu.unsqueeze(-1))  # [B, M, N], -inf on forbidden pairs and dead lines
     top = z.amax(1, keepdim=True).nan_to_num_(neginf=0.0)  # [B, 1, N]; 0 for an empty column
@@ -221,8 +222,9 @@ def _system(s: Solve, st: State, r: Tensor, target: Tensor) -> Tensor:
 def _gain(
     s: Solve, st: State, target_r: Tensor, target_c: Tensor | None, df: Tensor, dg: Tensor
 ) -> Tensor:
-    """``[B]`` ``F(f + df) - F(f)`` for the exact column updates (``dg`` their change), from
-    the rows' and columns' targets at ``f`` (``target_c`` None for hard columns): ``<a, df>``
+    """``[B]`` ``F(f + df) - F(f)`` for the exact column updates (``dg`` their change).
+
+    From the rows' and columns' targets at ``f`` (``target_c`` None for hard columns): ``<a, df>``
     or ``-tau1 <t, expm1(-df / tau1)>`` for the rows, likewise the columns with ``-eps sum P``
     folded in (``sum P = <b, exp(-g / tau2)>`` at an exact update)."""
     rows, cols = s.rows, s.cols
@@ -251,8 +253,9 @@ def _translate(s: Solve, st: State) -> None:
 
 
 def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
-    """One Newton step for the items ``act`` ``[B]`` (the others keep their state), from the
-    rows' ``target`` at the state: direction, a step within the item's radius, Armijo
+    """One Newton step for the items ``act`` ``[B]`` (the others keep their state).
+
+    From the rows' ``target`` at the state: direction, a step within the item's radius, Armijo
     backtracking; an item whose step fails takes a sweep instead."""
     r = st.Kv
     grad = torch.where(s.rows.alive & act[:, None], target - r, 0.0)
@@ -323,11 +326,12 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
 
 
 def _tangent(s: Solve, st: State) -> Tensor:
-    """``[B, M]`` ``df / deps`` of the rows' optimal potentials at the current (near-optimal)
-    state, by the implicit function theorem: ``A df/deps = dG/deps`` with ``A`` the Newton
-    system and ``G = t - r`` the semi-dual's gradient, ``dG/deps = (1 / eps) sum_j P_ij (x_ij -
-    lam2 y_j)`` for ``x = log P`` and ``y_j = sum_i P_ij x_ij / c_j`` (the columns follow at
-    ``dg_j / deps = lam2 y_j``)."""
+    """``[B, M]`` ``df / deps`` of the rows' optimal potentials at the current state.
+
+    The state is near-optimal; by the implicit function theorem: ``A df/deps = dG/deps`` with ``A``
+    the Newton system and ``G = t - r`` the semi-dual's gradient, ``dG/deps = (1 / eps) sum_j P_ij
+    (x_ij - lam2 y_j)`` for ``x = log P`` and ``y_j = sum_i P_ij x_ij / c_j`` (the columns follow
+    at ``dg_j / deps = lam2 y_j``)."""
     eps, lam2 = st.eps, s.cols.lam(st.eps)
     P, r, c = st.K, st.Kv, st.KTu
     Px = P * torch.where(P > 0, P, 1.0).log()
@@ -341,9 +345,11 @@ def _tangent(s: Solve, st: State) -> Tensor:
 
 
 def begin_stage(s: Solve, st: State, eps: float) -> None:
-    """Move to ``eps``: the rows' potentials follow their tangent from the previous stage (the
-    warm start at the first), then one sweep at ``eps`` (the columns from those rows, the rows
-    from those columns, the columns again), so that no line starts cut off."""
+    """Move to ``eps``: the rows' potentials follow their tangent, then one sweep.
+
+    The tangent is the previous stage's (the warm start at the first); then one sweep at ``eps``
+    (the columns from those rows, the rows from those columns, the columns again), so that no line
+    starts cut off."""
     f, g = st.f + st.eps * st.log_u, st.g + st.eps * st.log_v
     if st.K is not None:
         f = f + (eps - st.eps) * _tangent(s, st)

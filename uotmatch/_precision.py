@@ -50,8 +50,9 @@ CLAMP_FRACTION = 3.0
 
 
 def mass_resolution(dtype: torch.dtype) -> float:
-    """The smallest mass, relative to the masses prescribed, whose plan a solve in ``dtype``
-    resolves to ``tol`` of itself: ``exp(KERNEL_LOG_FLOOR / 2)`` (4e-18 in float32, 1e-152 in
+    """The smallest relative mass whose plan a solve in ``dtype`` resolves to ``tol`` of itself.
+
+    Relative to the masses prescribed: ``exp(KERNEL_LOG_FLOOR / 2)`` (4e-18 in float32, 1e-152 in
     float64), far above the kernel's floor, where the entries of such a plan are cut to 0."""
     floor = KERNEL_LOG_FLOOR.get(dtype, math.log(torch.finfo(dtype).tiny))
     return math.exp(floor / 2)
@@ -65,14 +66,16 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def imprecise(magnitude: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
-    """``[B]``: the item's potentials (of size ``magnitude``) are rounded in ``dtype`` by more
-    than ``PRECISION * eps``."""
+    """``[B]``: the item's potentials are rounded in ``dtype`` by more than ``PRECISION * eps``.
+
+    The potentials are of size ``magnitude``."""
     return magnitude * torch.finfo(dtype).eps > PRECISION * eps
 
 
 def needs_float64(magnitude: Tensor, log_bound: Tensor, dtype: torch.dtype, eps: float) -> bool:
-    """A float32 problem some item of which float32 cannot resolve, or whose plan could
-    overflow float32's iterations."""
+    """A float32 problem that float32 cannot resolve or iterate on.
+
+    Some item cannot be resolved, or its plan could overflow float32's iterations."""
     if dtype != torch.float32:
         return False
     return bool((imprecise(magnitude, dtype, eps) | (log_bound > LOG_SAFE[dtype])).any())

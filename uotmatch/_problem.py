@@ -147,10 +147,12 @@ class Problem:
         return full_cost(self.cost, self.background, transpose)
 
     def as_balanced_limit(self, precision: float) -> tuple[Problem, Tensor] | None:
-        """The balanced problem this one is to within ``tol / 100``, and the translation ``t
-        [B]`` of its potentials (``f + t``, ``g - t``), when both taus are so large that the
-        potentials, about ``tau1 tau2 / (tau1 + tau2) * log(sum a / sum b)``, cannot be rounded
-        finely enough against eps (``precision``: the largest relative error allowed).
+        """The balanced problem this one is to within ``tol / 100``, if there is one.
+
+        With the translation ``t [B]`` of its potentials (``f + t``, ``g - t``), when both taus are
+        so large that the potentials, about ``tau1 tau2 / (tau1 + tau2) * log(sum a / sum b)``,
+        cannot be rounded finely enough against eps (``precision``: the largest relative error
+        allowed).
 
         As ``tau1, tau2 -> inf`` the plan's marginals become ``a m / A`` and ``b m / B`` with
         ``A = sum a``, ``B = sum b`` and ``m = A^(tau1 / (tau1 + tau2)) B^(tau2 / (tau1 +
@@ -254,8 +256,10 @@ class Problem:
                 )
 
     def check_columns(self, cost: Tensor, col_min: Tensor, a: Tensor | None = None) -> None:
-        """Reject a ground truth with mass but no finite-cost prediction that may send mass,
-        under a hard column marginal. ``cost`` is the full ``[B, M, N(+1)]`` (a view), and
+        """Reject a ground truth with mass that no prediction may serve (hard columns).
+
+        That is a ground truth with no finite-cost prediction that may send mass, under a hard
+        column marginal. ``cost`` is the full ``[B, M, N(+1)]`` (a view), and
         ``col_min`` its column minima; ``a`` its rows' masses (default: the problem's)."""
         if not math.isinf(self.tau2):
             return
@@ -281,8 +285,9 @@ class Problem:
 
 
 def full_cost(cost: Tensor, background: Tensor | None, transpose: bool) -> Tensor:
-    """``cost [B, M, N]`` with the background column appended, ``[B, M, N(+1)]``, or its
-    transpose ``[B, N(+1), M]`` (one pass writes the copy and the background line)."""
+    """``cost [B, M, N]`` with the background column appended, or its transpose.
+
+    ``[B, M, N(+1)]`` or ``[B, N(+1), M]``: one pass writes the copy and the background line."""
     if background is None:
         return cost.mT.contiguous() if transpose else cost
     if transpose:

@@ -9,8 +9,10 @@ from torch import Tensor
 
 
 def candidate_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of the rows to keep, ``rows [B, A]`` True first (stable), padded to the batch's
-    largest count (at least 1): ``idx [B, L]`` and ``real [B, L]`` (False on padding).
+    """Indices of the rows to keep, ``rows [B, A]`` True first (stable).
+
+    Padded to the batch's largest count (at least 1): ``idx [B, L]`` and ``real [B, L]`` (False on
+    padding).
 
     Padding slots hold the item's other rows, in order, so scattering ``[B, L]`` values back to
     ``idx`` never overwrites a kept row.

@@ -22,8 +22,9 @@ MIN_EPS_RATIO = 64.0
 def eps_schedule(
     row_min: Tensor, col_min: Tensor, eps: float, decay: float, min_ratio: float = MIN_EPS_RATIO
 ) -> list[float]:
-    """Decreasing eps values ending at ``eps``, each ``decay`` times the previous one, when the
-    estimated dual range exceeds ``min_ratio`` times eps (else just ``[eps]``).
+    """Decreasing eps values ending at ``eps``, each ``decay`` times the previous one.
+
+    Only when the estimated dual range exceeds ``min_ratio`` times eps (else just ``[eps]``).
 
     Starts at the spread of the row and column minima (alive lines only; pass ``+inf`` for dead
     ones), a cheap estimate of the range of the dual potentials that, unlike the raw cost range,

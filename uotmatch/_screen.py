@@ -1,5 +1,7 @@
-"""Background screening: the predictions that can only go to the background, found before any
-kernel is built, so a balanced solve with a background column iterates on the rest only.
+"""Background screening: the predictions that can only go to the background.
+
+They are found before any kernel is built, so a balanced solve with a background column iterates on
+the rest only.
 
 In a detection batch most predictions (anchors) are far from every ground truth: their cost to
 each ground truth is far above their background cost. For the balanced problem

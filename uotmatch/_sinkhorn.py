@@ -58,8 +58,9 @@ OMEGA = 1.5
 
 
 def begin_stage(s: Solve, st: State, eps: float) -> None:
-    """Move to ``eps``: fold the scalings into the potentials, rebuild the kernel there, reset
-    the scalings to 1."""
+    """Move to ``eps``: fold the scalings into the potentials and rebuild the kernel there.
+
+    The scalings are reset to 1."""
     if st.K is not None:
         st.f, st.g = st.f + st.eps * st.log_u, st.g + st.eps * st.log_v
     st.eps = eps
@@ -87,9 +88,10 @@ def column_update(s: Solve, st: State, KTu: Tensor) -> Tensor:
 
 
 def sweep(s: Solve, st: State, weight: Tensor | None = None) -> None:
-    """One scaling iteration (rows, then columns), relaxed by ``weight [B, 1]`` (default the
-    state's: over-relaxed, 0 for frozen items); clamped steps never overflow between
-    absorptions. For finite taus, the dual-optimal translation follows."""
+    """One scaling iteration (rows, then columns), relaxed by ``weight [B, 1]``.
+
+    The default weight is the state's: over-relaxed, 0 for frozen items; clamped steps never
+    overflow between absorptions. For finite taus, the dual-optimal translation follows."""
     weight = st.weight if weight is None else weight
     lam1 = s.rows.lam(st.eps)
     new_u = torch.add(st.c_u, st.Kv.clamp_min(s.tiny).log(), alpha=-lam1)
@@ -109,8 +111,9 @@ def sweep(s: Solve, st: State, weight: Tensor | None = None) -> None:
 
 
 def _translate(s: Solve, st: State) -> None:
-    """The translation-invariant step: Sinkhorn's slow mass mode removed in closed form. It goes
-    into the absorbed potentials, which leaves the kernel as it is."""
+    """The translation-invariant step: Sinkhorn's slow mass mode removed in closed form.
+
+    It goes into the absorbed potentials, which leaves the kernel as it is."""
     t = optimal_translation(s, st)
     st.f, st.g = st.f + t[:, None], st.g - t[:, None]
     _constants(s, st)

@@ -1,5 +1,6 @@
-"""The solver's front: the prepared problem and the driver that runs its eps-scaling stages,
-each by Newton steps (:mod:`uotmatch._newton`) where they apply, by scaling sweeps
+"""The solver's front: the prepared problem and the driver of its eps-scaling stages.
+
+Each stage runs by Newton steps (:mod:`uotmatch._newton`) where they apply, by scaling sweeps
 (:mod:`uotmatch._sinkhorn`) elsewhere."""
 
 from __future__ import annotations

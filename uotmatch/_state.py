@@ -90,8 +90,9 @@ class Marginal:
         return damping(self.tau, eps)
 
     def live(self, alive: Tensor, total: Tensor | None = None) -> Marginal:
-        """This side with its alive lines (masses 0 elsewhere) and the total its hard error is
-        relative to (``[B]``, default its own, 1 where that is 0)."""
+        """This side with its alive lines (masses 0 elsewhere) and its error's total.
+
+        The total ``[B]`` its hard error is relative to: default its own, 1 where that is 0."""
         mass = torch.where(alive, self.mass, 0.0)
         total = mass.sum(-1) if total is None else total
         return replace(self, mass=mass, alive=alive, total=torch.where(total > 0, total, 1.0))
@@ -123,8 +124,9 @@ class Marginal:
     def error(
         self, actual: Tensor, potential: Tensor, dtype: torch.dtype | None = None
     ) -> Tensor | None:
-        """The fraction of mass misplaced on this side, ``[B]``; ``None`` for a free side
-        (``tau = 0``: no condition to violate).
+        """The fraction of mass misplaced on this side, ``[B]``.
+
+        ``None`` for a free side (``tau = 0``: no condition to violate).
 
         Hard side: ``||actual - mass||_1 / total``. Finite tau: ``||actual - target||_1 /
         max(||actual||_1, ||target||_1)``, relative to the plan's own mass, so that a plan
@@ -181,10 +183,11 @@ def plan_error(
     tau2: float,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """:func:`marginal_error` of any plan ``[B, M, N]`` and potentials (e.g. another solver's),
-    for masses ``a [B, M]``, ``b [B, N]``; lines of zero mass count as absent. ``dtype``: the
-    dtype whose resolution of small masses applies (default the plan's; pass the dtype a plan
-    was solved in when it is recomputed in a wider one)."""
+    """:func:`marginal_error` of any plan ``[B, M, N]`` and potentials.
+
+    For example another solver's, for masses ``a [B, M]``, ``b [B, N]``; lines of zero mass count
+    as absent. ``dtype``: the dtype whose resolution of small masses applies (default the plan's;
+    pass the dtype a plan was solved in when it is recomputed in a wider one)."""
     rows = Marginal(a, tau1).live(a > 0)
     cols = Marginal(b, tau2).live(b > 0)
     return marginal_error(plan.sum(-1), plan.sum(-2), rows, cols, f, g, dtype)
@@ -285,10 +288,12 @@ class Solve:
 
 @dataclass
 class State:
-    """The iterate: absorbed potentials ``f [B, M]``, ``g [B, N]`` and the kernel ``K`` built at
-    them for the stage's ``eps``, the scalings on top (``u = exp(log_u)``, ``v = exp(log_v)``),
-    the products ``Kv = K v`` and ``KTu = K^T u`` of the current scalings, and per item: still
-    iterating (``active``), the over-relaxation weight, the last errors, the iterations used."""
+    """The iterate: absorbed potentials, the kernel built at them, the scalings on top.
+
+    The potentials are ``f [B, M]``, ``g [B, N]``, the kernel ``K`` is built at them for the
+    stage's ``eps``, the scalings on top (``u = exp(log_u)``, ``v = exp(log_v)``), the products
+    ``Kv = K v`` and ``KTu = K^T u`` of the current scalings, and per item: still iterating
+    (``active``), the over-relaxation weight, the last errors, the iterations used."""
 
     eps: float
     f: Tensor
@@ -366,8 +371,9 @@ def start(s: Solve, omega: float) -> State:
 
 
 def optimal_translation(s: Solve, st: State) -> Tensor:
-    """``[B]`` the dual-optimal ``t`` along ``f + t, g - t`` (which leaves the plan unchanged),
-    for finite taus (Sejourne, Vialard and Peyre, AISTATS 2022): ``t = log(<a, e^{-f/tau1}> /
+    """``[B]`` the dual-optimal ``t`` along ``f + t, g - t`` (which leaves the plan unchanged).
+
+    For finite taus (Sejourne, Vialard and Peyre, AISTATS 2022): ``t = log(<a, e^{-f/tau1}> /
     <b, e^{-g/tau2}>) / (1/tau1 + 1/tau2)``, reading ``e^{-f/inf} = 1`` and ``1/inf = 0``;
     0 for frozen items."""
     tau1, tau2 = s.rows.tau, s.cols.tau
@@ -381,8 +387,9 @@ def optimal_translation(s: Solve, st: State) -> Tensor:
 
 
 def errors(s: Solve, st: State, rows_only: bool = False) -> tuple[Tensor, Tensor | None]:
-    """``([B] rows' error, [B] columns' error)`` of the current plan ``diag(u) K diag(v)``; the
-    columns' is skipped (None) with ``rows_only``."""
+    """``([B] rows' error, [B] columns' error)`` of the current plan ``diag(u) K diag(v)``.
+
+    The columns' is skipped (None) with ``rows_only``."""
     rows = side_error(s.rows, st.u * st.Kv, st.fu(s))
     if rows_only:
         return rows, None
@@ -391,8 +398,9 @@ def errors(s: Solve, st: State, rows_only: bool = False) -> tuple[Tensor, Tensor
 
 
 def freeze(st: State, err: Tensor, tol: float) -> bool:
-    """Record ``err`` and stop the items within ``tol`` (their iterations are recorded); True
-    once no item is left."""
+    """Record ``err`` and stop the items within ``tol``; True once no item is left.
+
+    The stopped items' iterations are recorded."""
     st.err = torch.where(st.active, err, st.err)
     done = st.active & (err <= tol)
     st.iterations.masked_fill_(done, st.it)
@@ -401,8 +409,9 @@ def freeze(st: State, err: Tensor, tol: float) -> bool:
 
 
 def output(s: Solve, st: State) -> SolveOutput:
-    """The plan ``diag(u) K diag(v)`` (the one the last check measured), the potentials, and
-    per item the error, iterations and flags."""
+    """The solve's output: the plan, the potentials, and per item the error, iterations, flags.
+
+    The plan is ``diag(u) K diag(v)``, the one the last check measured."""
     f, g = st.f + st.eps * st.log_u, st.g + st.eps * st.log_v
     if torch.is_grad_enabled():
         plan = kernel(s.cost, f, g, st.eps)  # differentiable in f, g
