@@ -407,7 +407,9 @@ def step_times(args) -> dict:
         for (f, a), name in FRAMEWORK_RUNS.items():
             if f in others and name in paired:
                 times[f"{f}/{a}"] = paired[name]
-    (out / "step_times.json").write_text(json.dumps(times, indent=1))
+    path = out / "step_times.json"  # frameworks measured in other sittings are kept
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(kept | times, indent=1))
     return times
 
 
