@@ -219,3 +219,17 @@ def test_pad_targets_pads_each_image_in_order():
         pad_targets([{"labels": torch.tensor([1, 2]), "boxes": torch.zeros(3, 4)}])
     with pytest.raises(ValueError, match="integer class indices"):
         pad_targets([{"labels": torch.tensor([1.0]), "boxes": torch.zeros(1, 4)}])
+
+
+def test_the_integrations_take_a_matcher_or_a_name():
+    from uotmatch.detection import HungarianMatcher, UOTMatcher, build_matcher
+    from uotmatch.detection._registry import matcher_or_build
+
+    given = HungarianMatcher()
+    assert matcher_or_build(given, {}, build_matcher) is given
+    built = matcher_or_build("uot", {"eps": 0.2}, build_matcher)
+    assert isinstance(built, UOTMatcher) and built.eps == 0.2
+    with pytest.raises(ValueError, match=r"options \(eps\) are for a matcher given by name"):
+        matcher_or_build(given, {"eps": 0.2}, build_matcher)
+    with pytest.raises(ValueError, match="matcher must be a uotmatch.detection SetMatcher"):
+        matcher_or_build(3, {}, build_matcher)

@@ -6,6 +6,7 @@ does not take is an error that lists the ones it does take."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 from uotmatch.detection._contracts import DenseAssigner, SetMatcher
 from uotmatch.detection._matchers import HungarianMatcher, UOTMatcher
@@ -65,3 +66,24 @@ def build_assigner(name: str, **options) -> DenseAssigner:
 def build_matcher(name: str, **options) -> SetMatcher:
     """The set matcher ``name`` (one of :data:`MATCHERS`) with ``options``."""
     return _build("matcher", MATCHERS, name, options)
+
+
+def matcher_or_build(matcher, options: dict, build: Callable[..., SetMatcher]) -> SetMatcher:
+    """``matcher`` itself, or the matcher ``build(matcher, **options)`` makes from a name.
+
+    What the integrations' ``use_matcher`` accept: a :class:`SetMatcher` (then ``options`` must
+    be empty: they are for a matcher given by name) or a name (``"uot"``, ``"hungarian"``).
+    Anything else is a ``ValueError``."""
+    if isinstance(matcher, str):
+        matcher = build(matcher, **options)
+    elif options:
+        raise ValueError(
+            f"options ({', '.join(options)}) are for a matcher given by name; got a "
+            f"{type(matcher).__name__} instance"
+        )
+    if not isinstance(matcher, SetMatcher):
+        raise ValueError(
+            f"matcher must be a uotmatch.detection SetMatcher or 'uot' / 'hungarian', got "
+            f"{type(matcher).__name__}"
+        )
+    return matcher

@@ -35,6 +35,7 @@ from rfdetr.models.criterion import SetCriterion
 from torch import nn
 
 from uotmatch.detection import GroupedMatcher, SetMatcher, build_matcher
+from uotmatch.detection._registry import matcher_or_build
 
 __all__ = ["RFDETRMatcher", "matcher_from_criterion", "use_matcher"]
 
@@ -114,18 +115,9 @@ def use_matcher(target, matcher: SetMatcher | str = "uot", **options):
     ``criterion.matcher`` is then an :class:`RFDETRMatcher`; calling this again replaces it.
     """
     criterion = _criterion(target)
-    if isinstance(matcher, str):
-        matcher = matcher_from_criterion(criterion, matcher, **options)
-    elif options:
-        raise ValueError(
-            f"options ({', '.join(options)}) are for a matcher given by name; got a "
-            f"{type(matcher).__name__} instance"
-        )
-    if not isinstance(matcher, SetMatcher):
-        raise ValueError(
-            f"matcher must be a uotmatch.detection SetMatcher or 'uot' / 'hungarian', got "
-            f"{type(matcher).__name__}"
-        )
+    matcher = matcher_or_build(
+        matcher, options, lambda name, **o: matcher_from_criterion(criterion, name, **o)
+    )
     stock = criterion.matcher
     # rfdetr annotates the attribute with its HungarianMatcher; ours takes the same call.
     ours = RFDETRMatcher(matcher, stock=getattr(stock, "stock", stock))

@@ -50,6 +50,7 @@ from transformers.loss import (
 )
 
 from uotmatch.detection import GroupedMatcher, SetMatcher, SetTargets, build_matcher
+from uotmatch.detection._registry import matcher_or_build
 from uotmatch.detection.losses import (
     loss_weights,
     plan_box_losses,
@@ -198,18 +199,9 @@ def use_matcher(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     family = _family(model)
-    if isinstance(matcher, str):
-        matcher = matcher_from_config(model, matcher, **options)
-    elif options:
-        raise ValueError(
-            f"options ({', '.join(options)}) are for a matcher given by name; got a "
-            f"{type(matcher).__name__} instance"
-        )
-    if not isinstance(matcher, SetMatcher):
-        raise ValueError(
-            f"matcher must be a uotmatch.detection SetMatcher or 'uot' / 'hungarian', got "
-            f"{type(matcher).__name__}"
-        )
+    matcher = matcher_or_build(
+        matcher, options, lambda name, **o: matcher_from_config(model, name, **o)
+    )
     if loss == "plan" and family.criterion is None:
         raise ValueError(
             f"loss='plan' is not supported for {family.name}: its classification loss "
