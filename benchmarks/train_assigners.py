@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from detectors.data import colorboxes
-from detectors.fcos import train as fcos_train
+# Run from a clone: the reference detectors and the sibling benchmarks are imported from it.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from train_frameworks import alternate  # noqa: E402
+
+from detectors.data import colorboxes  # noqa: E402
+from detectors.fcos import train as fcos_train  # noqa: E402
 
 ASSIGNERS = ("fcos", "atss", "simota", "ota")
 
@@ -31,7 +36,6 @@ def paired_step_times(data: Path, args, rounds: int = 3, count: int = 6) -> dict
     the same ``count`` batches and models of the same initialisation, timed in alternating
     rounds in one process (the machine's load the same for all): per assigner the median over
     rounds of the per-batch median, in seconds."""
-    import statistics
     import warnings
 
     import torch
@@ -70,19 +74,9 @@ def paired_step_times(data: Path, args, rounds: int = 3, count: int = 6) -> dict
             criterion(model(batch["images"]), batch)["loss"].backward()
 
         steps[name] = step
-    times: dict[str, list[float]] = {name: [] for name in steps}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for r in range(rounds + 1):
-            for name, step in steps.items():
-                per_batch = []
-                for batch in batches:
-                    start = time.perf_counter()
-                    step(batch)
-                    per_batch.append(time.perf_counter() - start)
-                if r:  # round 0 warms up
-                    times[name].append(statistics.median(per_batch))
-    return {name: statistics.median(t) for name, t in times.items()}
+        return alternate(steps, batches, rounds)
 
 
 def main(argv=None):

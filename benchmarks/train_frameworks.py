@@ -36,13 +36,15 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from detectors.common.data import CocoDetection
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # detectors/ from a clone
+from detectors.common.data import CocoDetection  # noqa: E402
 from detectors.common.evaluation import coco_detections, coco_evaluate
 from detectors.data import colorboxes
 from detectors.data.yolo import write_yolo
@@ -363,7 +365,7 @@ def _batches(data: Path, size: int, count: int, batch_size: int):
     return train.num_classes, out
 
 
-def _alternate(steps: dict, batches, rounds: int) -> dict:
+def alternate(steps: dict, batches, rounds: int) -> dict:
     """Each step function timed on the same batches in alternating rounds (same machine load
     for both); returns per name the median over rounds of the per-batch median time."""
     times = {name: [] for name in steps}
@@ -403,7 +405,7 @@ def paired_step_times(data: Path, args, rounds: int = 3, count: int = 6) -> dict
         steps[name] = tv_step(model.train())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # slow-converging solves say so
-        out.update(_alternate(steps, batches, rounds))
+        out.update(alternate(steps, batches, rounds))
 
     if args.hf_epochs:
         hf_batches = [
@@ -419,7 +421,7 @@ def paired_step_times(data: Path, args, rounds: int = 3, count: int = 6) -> dict
                 model(pixel_values=batch[0], labels=batch[1]).loss.backward()
 
             steps[name] = step
-        out.update(_alternate(steps, hf_batches, rounds))
+        out.update(alternate(steps, hf_batches, rounds))
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-config-"))
@@ -461,7 +463,7 @@ def paired_step_times(data: Path, args, rounds: int = 3, count: int = 6) -> dict
         steps[name] = step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out.update(_alternate(steps, yolo_batches, rounds))
+        out.update(alternate(steps, yolo_batches, rounds))
     return out
 
 

@@ -227,3 +227,21 @@ def test_study_statistics_and_resume(tmp_path, capsys):
     text = (tmp_path / "study.md").read_text()
     assert "| tv-fcos | ota | 3 | 32.7 ± 0.6 |" in text and "| better |" in text
     assert "+2.67 (" in text and (tmp_path / "study.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCH.glob("*.py")))
+def test_every_benchmark_runs_from_a_clone_without_an_installed_detectors(script, tmp_path):
+    """The wheel holds uotmatch only: each script finds the reference detectors (and its
+    sibling benchmarks) from the clone itself, whatever the working directory."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / f"{script}.py"), "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert "usage:" in done.stdout
