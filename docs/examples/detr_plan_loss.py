@@ -1,11 +1,14 @@
 """A DETR-style training step with the UOT matcher and the UOT paper's plan-weighted loss."""
 
 import math
+import sys
+from pathlib import Path
 
 import torch
 
-from detectors.detr.criterion import SetCriterion
-from uotmatch.detection import UOTMatcher
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # detectors/ from the clone
+from detectors.detr.criterion import SetCriterion  # noqa: E402
+from uotmatch.detection import UOTMatcher  # noqa: E402
 
 num_classes, num_queries = 20, 100
 # The UOT paper's DETR setting: balanced OT on the cost divided by its maximum.

@@ -11,6 +11,7 @@ os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp())
 
 from ultralytics import YOLO  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # detectors/ from the clone
 from detectors.data import colorboxes  # noqa: E402
 from detectors.data.yolo import write_yolo  # noqa: E402
 from uotmatch.detection import OTAAssigner  # noqa: E402
