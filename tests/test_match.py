@@ -229,3 +229,21 @@ def test_gradcheck_through_the_background_cost_alone(device):
 def test_no_graph_without_requires_grad():
     m = uotmatch.match(torch.rand(4, 3), 0.1, background_cost=0.5)
     assert not m.plan.requires_grad and m.plan.grad_fn is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_solves_return_ordinary_tensors(dtype):
+    """Small problems are solved in inference mode; what comes back must not be inference tensors.
+
+    They enter autograd as constants (the plan-weighted loss) and in-place operations."""
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(2, 6, 3, generator=g, dtype=dtype)
+    m = uotmatch.match(cost, 0.1, background_cost=0.5)
+    for t in (m.plan, m.f, m.g, m.marginal_error, m.iterations, m.converged):
+        assert not t.is_inference()
+    pred = torch.rand(2, 6, 4, dtype=dtype, requires_grad=True)
+    (m.plan * pred).sum().backward()  # the plan saved for backward
+    assert torch.equal(pred.grad, m.plan)
+    plan = m.plan.clone()
+    m.plan.mul_(2)
+    assert torch.equal(m.plan, 2 * plan)

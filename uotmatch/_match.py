@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -19,13 +19,15 @@ from uotmatch._precision import PRECISION, cast_plan, overflow_error
 from uotmatch._problem import Problem, full_cost
 from uotmatch._result import STATUSES, Array, Matching
 from uotmatch._solver import solve
-from uotmatch._state import Marginal
+from uotmatch._state import Marginal, SolveOutput
 
 __all__ = ["MAX_ITER", "TOL", "match"]
 
 INF = math.inf
 #: A budget below this is named as the cause when items run out of it.
 SMALL_BUDGET = 50
+#: Solves of at most this many cost entries run in inference mode (:func:`_run`).
+INFERENCE_SIZE = 2**20
 
 
 def match(
@@ -247,17 +249,28 @@ def _run(p: Problem, cost: Tensor, rows: Marginal, cols: Marginal, transpose: bo
 
     ``cost`` is ``[B, M, N]``, or its transpose (then ``rows`` and ``cols`` swap places in the
     call); returns the output and ``(plan, f, g)``."""
-    with torch.set_grad_enabled(p.grad):
-        first, second = (cols, rows) if transpose else (rows, cols)
-        out = solve(
-            cost,
-            first,
-            second,
-            eps=p.eps,
-            max_iter=p.max_iter,
-            tol=p.tol,
-            **kw,
+    first, second = (cols, rows) if transpose else (rows, cols)
+    if p.grad:
+        with torch.enable_grad():
+            out = solve(cost, first, second, eps=p.eps, max_iter=p.max_iter, tol=p.tol, **kw)
+    elif cost.numel() <= INFERENCE_SIZE:
+        # Small problems are overhead-bound: inference mode trims every operation's bookkeeping
+        # (about 10% of the solve); the outputs are copied out (a negligible pass at this size)
+        # so that they can enter autograd and in-place operations afterwards.
+        with torch.inference_mode():
+            out = solve(cost, first, second, eps=p.eps, max_iter=p.max_iter, tol=p.tol, **kw)
+        cast = out.plan.dtype != p.cost.dtype  # then the plan, f, g and error are copied below
+        out = SolveOutput(
+            **{
+                k.name: getattr(out, k.name)
+                if cast and k.name in ("plan", "f", "g", "error")
+                else getattr(out, k.name).clone()
+                for k in fields(out)
+            }
         )
+    else:
+        with torch.no_grad():
+            out = solve(cost, first, second, eps=p.eps, max_iter=p.max_iter, tol=p.tol, **kw)
     plan, f, g = (out.plan.mT, out.g, out.f) if transpose else (out.plan, out.f, out.g)
     dtype = p.cost.dtype  # a solve moved to float64 for precision comes back in its dtype
     if plan.dtype != dtype:

@@ -42,6 +42,7 @@ transport" (2017); the semi-dual of Cuturi and Peyre, "Computational Optimal Tra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -104,6 +105,9 @@ STARVED = 1e-3
 LOG_FLOOR = -700.0
 FLOOR = math.exp(LOG_FLOOR) * 2
 
+#: A trial step: the rows' ``lu``, the columns' exact ``lv``, the plan, and ``[B]`` the gain.
+_Trial = tuple[Tensor, Tensor, Tensor, Tensor]
+
 
 def applies(cost: Tensor, tau1: float, tau2: float) -> bool:
     """Newton steps apply to ``cost [B, M, N]``.
@@ -155,9 +159,9 @@ def _columns(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor]:
     E = threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0)
     top = top.squeeze(1)
     lse = E.sum(1).clamp_min_(1e-300).log_().add_(top)  # LSE_i (f_i + g0_j - C_ij) / eps
-    lv = (s.cols.log_mass - lse).mul_(lam2)
+    lv = s.cols.log_mass - lse
     if lam2 < 1:
-        lv = lv.sub_(st.g, alpha=(1 - lam2) / st.eps)
+        lv = lv.mul_(lam2).sub_(st.g, alpha=(1 - lam2) / st.eps)
     lv = lv.masked_fill_(s.cols.dead, 0.0)
     return lv, E.mul_(top.add_(lv).exp_().unsqueeze(1))
 
@@ -195,7 +199,7 @@ def _system(s: Solve, st: State, r: Tensor, target: Tensor) -> Tensor:
     """``-Hessian`` of the semi-dual at the state, ``[B, M, M]`` (module docstring)."""
     eps, lam2 = st.eps, s.cols.lam(st.eps)
     P, c = st.K, st.KTu
-    c_inv = c.add((c == 0).to(c.dtype)).reciprocal_()  # an empty column's P is 0 anyway
+    c_inv = torch.where(c == 0, 1.0, c).reciprocal_()  # an empty column's P is 0 anyway
     Q = torch.bmm(P * c_inv.unsqueeze(1), P.mT)  # P diag(1/c) P^T
     S = Q + Q.mT  # 2 Q, symmetric to the last bit: its Laplacian is then semidefinite
     coupling = S.sum(-1).sub_(S.diagonal(dim1=1, dim2=2))  # 2 x the off-diagonal row sums
@@ -212,10 +216,8 @@ def _system(s: Solve, st: State, r: Tensor, target: Tensor) -> Tensor:
     # f + c 1 leaves the plan as it is (two hard marginals), or moves only the mass, which the
     # closed-form translation after each step optimises (finite taus): pin that direction.
     if (s.rows.hard and lam2 == 1) or s.translate:
-        w = s.rows.alive.to(H.dtype)
-        H = H.baddbmm_(
-            w.unsqueeze(-1) * (unit / s.rows.count).unsqueeze(-1)[..., None], w.unsqueeze(1)
-        )
+        w = s.rows.alive_weight  # [B, M]: 1 on alive rows
+        H = H.baddbmm_((w * (unit / s.rows.count)[:, None]).unsqueeze(-1), w.unsqueeze(1))
     return H
 
 
@@ -273,15 +275,10 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
     if st.radius is None:
         st.radius = torch.full_like(slope, MAX_STEP)
     t0 = torch.where(usable, (st.radius / d.abs().amax(-1).clamp_min(1e-300)).clamp(max=1.0), 0.0)
-    t, taken, gained = t0, torch.zeros_like(t0), torch.zeros_like(t0)
-    # Next to the optimum the gain is below the rounding of its own terms: there a step is also
-    # accepted when it lowers the rows' error (the columns' is 0 after their exact update).
-    noise = NOISE * torch.finfo(r.dtype).eps * st.eps * target.sum(-1)
-    err_now = None
     base_u, base_v = st.log_u, st.log_v
     target_c = None if s.cols.hard else s.cols.target(st.gv(s))
 
-    def trial(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def trial(t: Tensor) -> _Trial:
         lu = base_u + t[:, None] * d
         lv, P = _columns(s, st, lu)
         return (
@@ -291,9 +288,47 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
             _gain(s, st, target, target_c, st.eps * (lu - base_u), st.eps * (lv - base_v)),
         )
 
-    pending = usable
+    lu, lv, P, gain = trial(t0)
+    ok = usable & (gain >= ARMIJO * (t0 * slope))
+    if bool((ok == usable).all()):  # every step accepted as it is: the common case
+        _set(st, lu, lv, P)
+        taken = t0
+    else:
+        taken = _backtrack(s, st, trial, t0, slope, target, usable, (lu, lv, P, gain))
+    grow = (taken >= t0) & (t0 < 1) & usable  # the full step, cut short by the radius
+    st.radius = torch.where(grow, st.radius * 2, st.radius)
+    if taken is not t0:
+        shrink = (taken < t0) & (taken > 0)
+        st.radius = torch.where(shrink, (st.radius / 4).clamp_min(MAX_STEP), st.radius)
+    failed = act & ~(taken > 0)
+    if bool(failed.any()):
+        _sweep(s, st, failed)
+    _translate(s, st)
+
+
+def _backtrack(
+    s: Solve,
+    st: State,
+    trial: Callable[[Tensor], _Trial],
+    t0: Tensor,
+    slope: Tensor,
+    target: Tensor,
+    pending: Tensor,
+    first: _Trial,
+) -> Tensor:
+    """Armijo backtracking from the step ``t0`` (whose trial is ``first``), halving.
+
+    Stores each item's first accepted trial; returns ``[B]`` the step each item took (0 where
+    none was accepted). Next to the optimum the gain is below the rounding of its own terms:
+    there a step is also accepted when it lowers the rows' error (the columns' is 0 after their
+    exact update)."""
+    r = st.Kv
+    noise = NOISE * torch.finfo(r.dtype).eps * st.eps * target.sum(-1)
+    taken = torch.zeros_like(t0)
+    err_now = None
+    t = t0
     for k in range(MAX_HALVINGS):
-        lu, lv, P, gain = trial(t)
+        lu, lv, P, gain = first if k == 0 else trial(t)
         predicted = t * slope
         ok = pending & (gain >= ARMIJO * predicted)
         noisy = pending & ~ok & (predicted < noise)
@@ -302,24 +337,13 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
                 err_now = side_error(s.rows, r, st.fu(s))
             fu = st.f + st.eps * lu if s.finite1 else st.f
             ok = ok | (noisy & (side_error(s.rows, P.sum(-1), fu) < err_now))
-        if k == 0 and bool((ok == pending).all()):  # every step accepted as it is
-            _set(st, lu, lv, P)
-            taken, gained = t, gain
-            break
         _set(st, lu, lv, P, ok)
-        taken, gained = torch.where(ok, t, taken), torch.where(ok, gain, gained)
+        taken = torch.where(ok, t, taken)
         pending = pending & ~ok
         if not bool(pending.any()):
             break
         t = t / 2
-    grow = (taken >= t0) & (t0 < 1) & usable  # the full step, cut short by the radius
-    shrink = (taken < t0) & (taken > 0)
-    st.radius = torch.where(grow, st.radius * 2, st.radius)
-    st.radius = torch.where(shrink, (st.radius / 4).clamp_min(MAX_STEP), st.radius)
-    failed = act & ~(taken > 0)
-    if bool(failed.any()):
-        _sweep(s, st, failed)
-    _translate(s, st)
+    return taken
 
 
 # -- stages ----------------------------------------------------------------------------------------
@@ -372,6 +396,7 @@ def run_stage(s: Solve, st: State, final: bool) -> None:
     budget = s.max_iter - st.it if final else min(STAGE_STEPS, s.max_iter - st.it - 1)
     best: Tensor | None = None
     stalled_since = torch.zeros_like(st.iterations)
+    imprecise = bool(s.imprecise.any())
     for k in range(max(budget, 0) + 1):
         r, target = st.Kv, s.rows.target(st.fu(s))
         if final:
@@ -383,7 +408,7 @@ def run_stage(s: Solve, st: State, final: bool) -> None:
                 cols_err = side_error(s.cols, st.KTu, st.gv(s))
                 if freeze(st, torch.maximum(rows_err, cols_err), s.tol) or k == budget:
                     return
-            if bool(s.imprecise.any()):  # stop the items that cannot settle once they stall
+            if imprecise:  # stop the items that cannot settle once they stall
                 if best is None:
                     best = rows_err
                 better = rows_err < best / 2

@@ -224,7 +224,8 @@ class Problem:
         if math.isinf(self.tau1):
             col_mass, col_real = self.col_mass, self.col_real
             receives = col_real & ((col_mass > 0) | (self.tau2 == 0))  # [B, N(+1)]
-            if bool(receives.all()):
+            # Padding (not real) is +inf in the cost already: it is no way out in row_min.
+            if bool((receives | ~col_real).all()):
                 reach = self.row_min
             else:  # a column that may receive nothing does not count (rare: a pass over C)
                 reach = self.full_cost(False).masked_fill(~receives[:, None, :], INF).amin(-1)

@@ -57,7 +57,12 @@ def prepare(
         error_mass = None if error_mass is None else error_mass.double()
     any_dead = not bool(row_alive.all() and col_alive.all())
     if any_dead:
-        cost = cost.masked_fill(~row_alive[..., None] | ~col_alive[:, None, :], math.inf)
+        # A line whose costs are all +inf already (padding) needs no pass over the cost.
+        dead_finite = ((row_min < math.inf) & ~row_alive).any() | (
+            (col_min < math.inf) & ~col_alive
+        ).any()
+        if bool(dead_finite):
+            cost = cost.masked_fill(~row_alive[..., None] | ~col_alive[:, None, :], math.inf)
         row_min = torch.where(row_alive, row_min, math.inf)
         col_min = torch.where(col_alive, col_min, math.inf)
     rows = replace(rows, cost_min=row_min).live(row_alive, error_mass)

@@ -103,6 +103,11 @@ class Marginal:
         return ~self.alive
 
     @cached_property
+    def alive_weight(self) -> Tensor:
+        """``[B, L]`` 1 on alive lines, 0 elsewhere, in the masses' dtype."""
+        return self.alive.to(self.mass.dtype)
+
+    @cached_property
     def count(self) -> Tensor:
         """``[B]`` the number of alive lines (at least 1)."""
         return self.alive.sum(-1).clamp_min(1)
