@@ -45,12 +45,16 @@ def prepare(
     magnitude = _precision.potential_magnitude(
         row_min, col_min, row_alive, col_alive, rows.mass, cols.mass, tau1, tau2
     )
-    log_bound = _precision.plan_log_bound(
-        row_min, row_alive, col_alive, rows.mass, cols.mass, tau1, tau2, eps
-    )
     rescue = _newton.applies(cost, tau1, tau2) if newton is None else newton
     use_newton = rescue and _newton.first(cost, tau1, tau2)
-    if use_newton or _precision.needs_float64(magnitude, log_bound, cost.dtype, eps):
+    if use_newton or _precision.needs_float64(
+        magnitude,
+        _precision.plan_log_bound(
+            row_min, row_alive, col_alive, rows.mass, cols.mass, tau1, tau2, eps
+        ),
+        cost.dtype,
+        eps,
+    ):
         cost, row_min, col_min = cost.double(), row_min.double(), col_min.double()
         rows = Marginal(rows.mass.double(), tau1)
         cols = Marginal(cols.mass.double(), tau2)
