@@ -44,6 +44,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,6 +168,21 @@ def _framework_run(framework: str, assignment: str, seed: int, data: Path, args,
     return r
 
 
+def _record(path: Path, key: str, result: dict) -> dict:
+    """Add one finished run to the results file, atomically; returns all the results.
+
+    The file is read again first, so that another sitting writing into the same directory
+    (say, another framework's cells) loses none of its runs; a kill loses at most the run in
+    progress."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[key] = result
+    fd, tmp = tempfile.mkstemp(prefix=".study-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+    return results
+
+
 def run_grid(args) -> dict:
     """Every (framework, assignment, seed) run not finished yet; returns the results."""
     from detectors.common.evaluation import per_image_ap
@@ -206,10 +222,7 @@ def run_grid(args) -> dict:
         (out / "detections").mkdir(exist_ok=True)
         with gzip.open(out / "detections" / f"{key.replace('/', '-')}.json.gz", "wt") as fh:
             json.dump(detections, fh)
-        results[key] = r
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, path)  # after every run: a kill loses at most the run in progress
+        results = _record(path, key, r)
         ran += 1
         print(f"   {key}: AP {100 * r['AP']:.1f}, {r['wall_s'] / 60:.1f} min", flush=True)
     print(_grid_status(results, args, [], began, ran), flush=True)

@@ -229,6 +229,20 @@ def test_study_statistics_and_resume(tmp_path, capsys):
     assert "+2.67 (" in text and (tmp_path / "study.png").exists()
 
 
+def test_study_results_from_two_sittings_at_once_are_all_kept(tmp_path):
+    """Two sittings filling one directory (say, YOLO's cells and the HF cells) each add their
+    finished runs: neither overwrites the other's with the results it read at its start."""
+    study = _load("study")
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"yolo/tal/seed0": {"AP": 0.1}}))
+    first = json.loads(path.read_text())  # what both sittings read when they started
+    study._record(path, "yolo/ota/seed0", {"AP": 0.2})
+    kept = study._record(path, "hf-deformable/own/seed0", {"AP": 0.0})
+    assert set(kept) == set(first) | {"yolo/ota/seed0", "hf-deformable/own/seed0"}
+    assert json.loads(path.read_text()) == kept
+    assert [p.name for p in tmp_path.iterdir()] == ["study.json"]  # no temporary file left
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(p.stem for p in BENCH.glob("*.py")))
 def test_every_benchmark_runs_from_a_clone_without_an_installed_detectors(script, tmp_path):
