@@ -81,18 +81,29 @@ def decode_rows(
     return torch.where((best >= n) | (plan.amax(-1) <= 0), -1, best)
 
 
-def _hungarian_rows(plan: Tensor) -> Tensor:
-    """The one-to-one matching of most plan mass, per item; pairs of zero mass dropped."""
-    B, M, N = plan.shape
-    out = np.full((B, M), -1, dtype=np.int64)
+def _hungarian(plan: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per item ``(rows, cols)`` int64: the one-to-one matching of most plan mass.
+
+    Pairs of zero mass dropped, sorted by row; ``plan [B, M, N]`` with ``M, N > 0``."""
     P = plan.detach().double().cpu().numpy()
-    for i in range(B):
-        cols = np.flatnonzero(P[i].max(0) > 0)  # ground truths with plan mass
+    out = []
+    for Pi in P:
+        cols = np.flatnonzero(Pi.max(0) > 0)  # ground truths with plan mass
         if cols.size == 0:
+            out.append((cols, cols))
             continue
-        r, c = linear_sum_assignment(-P[i][:, cols])
-        keep = P[i][r, cols[c]] > 0
-        out[i, r[keep]] = cols[c[keep]]
+        r, c = linear_sum_assignment(-Pi[:, cols])
+        keep = Pi[r, cols[c]] > 0
+        out.append((r[keep].astype(np.int64, copy=False), cols[c[keep]].astype(np.int64)))
+    return out
+
+
+def _hungarian_rows(plan: Tensor) -> Tensor:
+    """The one-to-one matching of most plan mass, per item, as ``[B, M]`` (-1: none)."""
+    B, M, _ = plan.shape
+    out = np.full((B, M), -1, dtype=np.int64)
+    for i, (r, c) in enumerate(_hungarian(plan)):
+        out[i, r] = c
     return torch.from_numpy(out).to(plan.device)
 
 
@@ -103,12 +114,15 @@ def decode_pairs(
 
     Int64 CPU tensors, sorted by prediction (then ground truth)."""
     _check(decode, DECODINGS)
+    n = plan.shape[-1] - int(has_background)
+    if decode == "hungarian" and n > 0 and plan.shape[1] > 0:
+        pairs = _hungarian(_real_part(plan, gt_mask, has_background))
+        return [(torch.from_numpy(r), torch.from_numpy(c)) for r, c in pairs]
     if decode != "per_target":
-        rows = decode_rows(plan, gt_mask, has_background, decode).cpu()
         out = []
-        for row in rows:
-            pred = torch.nonzero(row >= 0).flatten()
-            out.append((pred, row[pred]))
+        for row in decode_rows(plan, gt_mask, has_background, decode).cpu().numpy():
+            served = np.flatnonzero(row >= 0)
+            out.append((torch.from_numpy(served), torch.from_numpy(row[served])))
         return out
     real_plan = _real_part(plan, gt_mask, has_background).detach().cpu()  # [B, M, N]
     B, M, N = real_plan.shape

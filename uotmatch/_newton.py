@@ -290,19 +290,19 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
 
     lu, lv, P, gain = trial(t0)
     ok = usable & (gain >= ARMIJO * (t0 * slope))
-    if bool((ok == usable).all()):  # every step accepted as it is: the common case
+    if bool((ok == act).all()):  # every item's step accepted as it is: the common case
         _set(st, lu, lv, P)
-        taken = t0
+        grow = (t0 < 1) & ok  # the full step, cut short by the radius
+        st.radius = torch.where(grow, st.radius * 2, st.radius)
     else:
         taken = _backtrack(s, st, trial, t0, slope, target, usable, (lu, lv, P, gain))
-    grow = (taken >= t0) & (t0 < 1) & usable  # the full step, cut short by the radius
-    st.radius = torch.where(grow, st.radius * 2, st.radius)
-    if taken is not t0:
+        grow = (taken >= t0) & (t0 < 1) & usable
         shrink = (taken < t0) & (taken > 0)
-        st.radius = torch.where(shrink, (st.radius / 4).clamp_min(MAX_STEP), st.radius)
-    failed = act & ~(taken > 0)
-    if bool(failed.any()):
-        _sweep(s, st, failed)
+        radius = torch.where(grow, st.radius * 2, st.radius)
+        st.radius = torch.where(shrink, (radius / 4).clamp_min(MAX_STEP), radius)
+        failed = act & ~(taken > 0)
+        if bool(failed.any()):
+            _sweep(s, st, failed)
     _translate(s, st)
 
 

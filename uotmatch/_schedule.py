@@ -31,13 +31,13 @@ def eps_schedule(
     ignores large penalty constants. The whole range is covered, up to the precision of the
     dtype: a spread above ``eps / finfo.eps`` cannot be resolved anyway.
     """
-    spread = 0.0
+    gaps = []
     for mins in (row_min, col_min):  # dead lines hold +inf
         if mins.numel():
             lo = mins.amin()
-            hi = torch.where(mins < math.inf, mins, lo).amax()
-            gap = float((hi - lo).detach())
-            spread += gap if math.isfinite(gap) else 0.0
+            gaps.append(torch.where(mins < math.inf, mins, lo).amax() - lo)
+    finite = torch.stack(gaps).detach().tolist() if gaps else []  # one host sync for both
+    spread = sum(g for g in finite if math.isfinite(g))
     stages = []
     e = min(spread, eps / torch.finfo(row_min.dtype).eps) if spread > eps * min_ratio else eps
     while e > eps:
