@@ -16,11 +16,14 @@ Per source (``demo``, ``yolo``, ``torchvision``, ``detr``):
   ``--pot-max-iter`` iterations): the time, and how many of its plans reach ``tol`` by our error
   (``uotmatch._state.plan_error``, the relative L1 violation of the optimality conditions);
 * **decisions**: the assignment each item's plan decodes to (the OTA assigners' official
-  decoding, ``uotmatch.detection.decode_plan``; a DETR matcher's ``Matching.gt_index``) at
+  decoding, ``uotmatch.detection.decode_plan``; the DETR matchers' default, ``"hungarian"``) at
   looser tolerances, against a float64 solve to ``1e-10``: the anchors (queries) assigned
   differently, and the time. Ties apart: an anchor whose two best scores in the reference differ
-  by less than ``TIE`` (relative) is decided by their order, whatever the tolerance. The
-  assigners' default ``tol`` is the loosest with 0 changes.
+  by less than ``TIE`` (relative), or a matching that carries the reference plan's mass as the
+  reference's does, is decided by index order, whatever the tolerance. The same for
+  ``UOTMatcher`` on generated DETR batches of 100 and 300 queries (random, near-identical and
+  near-target queries; ``--matcher-seeds`` of each). The assigners' default ``tol``
+  (``ASSIGNER_TOL``) and the matcher's (``MATCHER_TOL``) are the loosest with 0 changes.
 
 Measure on an idle machine (``uptime`` load under 1.5): the times are sums over many small
 solves, whose per-operation overhead is what a loaded machine slows first.
@@ -45,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uotmatch  # noqa: E402
 from uotmatch._state import plan_error  # noqa: E402
 from uotmatch.detection import decode_plan  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_assigners import detr_batch  # noqa: E402
 
 INF = math.inf
 OTA_SOURCES = ("demo", "yolo", "torchvision")
@@ -157,13 +163,38 @@ def pot_row(problems: list[dict], results: list, max_iter: int) -> dict:
 TIE = 1e-9
 
 
+def _matching_changes(index: torch.Tensor, ref: torch.Tensor, ref_plan: torch.Tensor):
+    """``(changed, items changed, ties)``: the queries a DETR matcher's pairs ``index [B, Q]``
+    give otherwise than the reference's ``ref``. An item's changes are ties when its matching
+    carries as much of the reference plan's mass as the reference matching (to ``TIE``)."""
+    changed = items = ties = 0
+    P = ref_plan.double()
+    for b in range(index.shape[0]):
+        d = int((index[b] != ref[b]).sum())
+        if not d:
+            continue
+        mass = []
+        for ix in (index[b], ref[b]):
+            q = torch.nonzero(ix >= 0).flatten()
+            mass.append(float(P[b, q, ix[q]].sum()))
+        if abs(mass[0] - mass[1]) <= TIE * mass[1]:
+            ties += d
+        else:
+            changed, items = changed + d, items + 1
+    return changed, items, ties
+
+
 def decisions(source: str, problems: list[dict]) -> list[dict]:
     """Per tolerance: the items' decoded assignments against the float64 reference, on the rows
-    with mass (a padded row is no anchor), ties apart."""
+    with mass (a padded row is no anchor), ties apart.
+
+    The OTA sources by the official decoding (a tie: an anchor's two best scores within ``TIE``);
+    DETR's by the matchers' default, ``"hungarian"`` (a tie: a matching of the reference's mass).
+    """
 
     def decode(m, p) -> tuple[torch.Tensor, torch.Tensor]:
         """The decision of each row (-1: background or padding) and its margin: the relative
-        gap between the two best scores it was chosen by."""
+        gap between the two best scores it was chosen by (OTA; none for DETR's matching)."""
         plan = m.plan.double()
         B = plan.shape[0]
         if source in OTA_SOURCES:  # the anchors left out of the solve are background: scale 1
@@ -171,10 +202,11 @@ def decisions(source: str, problems: list[dict]) -> list[dict]:
             scale = plan.amax(1, keepdim=True)
             scale[:, 0, -1] = scale[:, 0, -1].clamp_min(1.0)
             scores = plan / scale.clamp_min(1e-300)
+            top = scores.topk(min(2, scores.shape[-1]), dim=-1).values
+            margin = (top[..., 0] - top[..., -1]) / top[..., 0].clamp_min(1e-300)
         else:
-            index, scores = m.gt_index(), plan
-        top = scores.topk(min(2, scores.shape[-1]), dim=-1).values
-        margin = (top[..., 0] - top[..., -1]) / top[..., 0].clamp_min(1e-300)
+            index = m.gt_index("hungarian")
+            margin = torch.full(index.shape, math.inf, dtype=plan.dtype)
         a = p.get("a")
         real = torch.ones_like(index, dtype=torch.bool) if a is None else (a > 0).expand_as(index)
         return torch.where(real, index, -1), torch.where(real, margin, float("inf"))
@@ -185,7 +217,8 @@ def decisions(source: str, problems: list[dict]) -> list[dict]:
         for key in ("a", "b", "background_cost"):
             if isinstance(ref.get(key), torch.Tensor):
                 ref[key] = ref[key].double()
-        refs.append(decode(solve(ref, tol=REFERENCE_TOL, max_iter=100_000), p))
+        m_ref = solve(ref, tol=REFERENCE_TOL, max_iter=100_000)
+        refs.append((*decode(m_ref, p), m_ref.plan))
     rows = []
     for tol in TOLERANCES:
         changed = items_changed = ties = 0
@@ -193,12 +226,17 @@ def decisions(source: str, problems: list[dict]) -> list[dict]:
         start = time.perf_counter()
         ms = [solve(p, tol=tol) for p in problems]
         seconds = time.perf_counter() - start
-        for m, p, (ref, margin) in zip(ms, problems, refs, strict=True):
-            diff = decode(m, p)[0] != ref
-            tie = margin < TIE
-            changed += int((diff & ~tie).sum())
-            ties += int((diff & tie).sum())
-            items_changed += int((diff & ~tie).reshape(diff.shape[0], -1).any(-1).sum())
+        for m, p, (ref, margin, ref_plan) in zip(ms, problems, refs, strict=True):
+            index = decode(m, p)[0]
+            diff = index != ref
+            if source in OTA_SOURCES:
+                tie = margin < TIE
+                changed += int((diff & ~tie).sum())
+                ties += int((diff & tie).sum())
+                items_changed += int((diff & ~tie).reshape(diff.shape[0], -1).any(-1).sum())
+            else:
+                c, i, t = _matching_changes(index, ref, ref_plan)
+                changed, items_changed, ties = changed + c, items_changed + i, ties + t
             its += m.iterations.reshape(-1).tolist()
         rows.append(
             {
@@ -211,6 +249,73 @@ def decisions(source: str, problems: list[dict]) -> list[dict]:
                 "s": seconds,
             }
         )
+    return rows
+
+
+def _near_identical(B: int, Q: int, G: int, seed: int):
+    """A DETR batch at initialisation: every query the same box and logits, up to 1e-3."""
+    outputs, targets = detr_batch(B, Q, G, seed)
+    g = torch.Generator().manual_seed(seed)
+    K = outputs["pred_logits"].shape[-1]
+    outputs["pred_logits"] = torch.randn(1, 1, K, generator=g) + 1e-3 * torch.randn(
+        B, Q, K, generator=g
+    )
+    outputs["pred_boxes"] = torch.tensor([0.5, 0.5, 0.2, 0.2]) + 1e-3 * torch.rand(
+        B, Q, 4, generator=g
+    )
+    return outputs, targets
+
+
+def _near_targets(B: int, Q: int, G: int, seed: int):
+    """A DETR batch later in training: three queries near each target (box within 0.02, its
+    class up to 4 logits higher), the rest random."""
+    outputs, targets = detr_batch(B, Q, G, seed)
+    g = torch.Generator().manual_seed(seed)
+    for b, t in enumerate(targets):
+        n = len(t["boxes"])
+        for k in range(min(3 * n, Q)):
+            outputs["pred_boxes"][b, k] = t["boxes"][k % n] + 0.02 * torch.randn(4, generator=g)
+            boost = 4.0 * float(torch.rand(1, generator=g))
+            outputs["pred_logits"][b, k, t["labels"][k % n]] += boost
+    return outputs, targets
+
+
+#: The generated DETR batches of :func:`matcher_decisions`: ``(name, make, B, Q, seeds / n)``,
+#: 30 targets at most per image (``bench_assigners.detr_batch``).
+MATCHER_BATCHES = (
+    ("random init", detr_batch, 4, 100, 1),
+    ("random init", detr_batch, 16, 300, 3),
+    ("near-identical queries", _near_identical, 4, 100, 1),
+    ("queries near targets", _near_targets, 4, 100, 1),
+)
+
+
+def matcher_decisions(seeds: int) -> list[dict]:
+    """Per tolerance: ``UOTMatcher``'s pairs (its defaults but ``tol``) on generated batches,
+    against a float64 solve to ``REFERENCE_TOL``: the queries paired differently, ties apart."""
+    from uotmatch.detection import UOTMatcher
+
+    batches = []
+    for name, make, B, Q, per in MATCHER_BATCHES:
+        for seed in range(max(1, seeds // per)):
+            batches.append((f"{name} {B}x{Q}", *make(B, Q, 30, seed)))
+    reference = UOTMatcher(tol=REFERENCE_TOL, max_iter=100_000)
+    refs = []
+    for _, outputs, targets in batches:
+        m = reference.solve({k: v.double() for k, v in outputs.items()}, targets)
+        refs.append((m.gt_index("hungarian"), m.plan))
+    rows = []
+    for tol in TOLERANCES:
+        matcher = UOTMatcher(tol=tol)
+        row: dict = {"tol": tol, **{name: 0 for name, _, _ in batches}}
+        its = []
+        for (name, outputs, targets), (ref, plan) in zip(batches, refs, strict=True):
+            m = matcher.solve(outputs, targets)
+            changed, _, _ = _matching_changes(m.gt_index("hungarian"), ref, plan)
+            row[name] += changed
+            its += m.iterations.tolist()
+        row["median its"], row["max its"] = statistics.median(its), max(its)
+        rows.append(row)
     return rows
 
 
@@ -231,6 +336,12 @@ def main(argv=None) -> str:
     p.add_argument("--pot-max-iter", type=int, default=10_000)
     p.add_argument("--decisions", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--limit", type=int, default=None, help="at most this many problems a source")
+    p.add_argument(
+        "--matcher-seeds",
+        type=int,
+        default=10,
+        help="generated DETR batches per kind for the matcher's decisions (0: none)",
+    )
     args = p.parse_args(argv)
     corpus = load(args.corpus)
     torch.manual_seed(0)
@@ -252,6 +363,12 @@ def main(argv=None) -> str:
             what = "anchors" if source in OTA_SOURCES else "queries"
             text.append(f"Decisions, {source} ({what} assigned differently from the reference):")
             text.append(markdown(dec))
+    if args.decisions and args.matcher_seeds:
+        text.append(
+            "Decisions, UOTMatcher on generated DETR batches (queries paired differently from "
+            "the reference, its default decoding):"
+        )
+        text.append(markdown(matcher_decisions(args.matcher_seeds)))
     text.insert(0, markdown(rows))
     out = "\n\n".join(text)
     print(out)

@@ -193,9 +193,16 @@ def test_the_corpus_is_recorded_and_benchmarked(tmp_path, capsys):
     corpus.mkdir()
     torch.save({"source": "demo", "problems": problems[:1]}, corpus / "demo.pt")
     torch.save({"source": "detr", "problems": problems[1:]}, corpus / "detr.pt")
-    text = _load("bench_corpus").main(["--corpus", str(corpus), "--pot-max-iter", "2000"])
+    text = _load("bench_corpus").main(
+        ["--corpus", str(corpus), "--pot-max-iter", "2000", "--matcher-seeds", "1"]
+    )
     assert "| demo | 1 | 2 |" in text and "| detr | 1 | 2 |" in text
     assert "Decisions, demo (anchors" in text and "| 1e-05 | 0 | 0 |" in text
+    # the matcher's generated batches: at 1e-10 every pair is the reference's, at 0.1 not
+    generated = text.split("UOTMatcher on generated DETR batches")[1]
+    loosest = next(line for line in generated.splitlines() if line.startswith("| 0.1 |"))
+    assert "| 1e-05 | 0 | 0 | 0 | 0 |" in generated
+    assert sum(int(x) for x in loosest.split("|")[2:6]) > 0
     assert (corpus / "corpus.md").read_text().strip() == text.strip()
 
 

@@ -176,7 +176,7 @@ def test_one_solver_options_value_for_match_the_assigners_and_the_matchers():
             cls(max_iter=5, solver=opts)
         with pytest.raises(ValueError, match="max_iter must be an integer >= 1, got 0"):
             cls(max_iter=0)
-    assert OTAAssigner().tol == 1e-4 and UOTMatcher().tol == 1e-5  # their defaults differ
+    assert OTAAssigner().tol == 1e-4 and UOTMatcher().tol == 1e-3  # each role its own default
     with pytest.raises(ValueError, match="tol and solver were both given"):
         uotmatch.match(cost, 0.05, tol=1e-3, solver=opts)
     with pytest.raises(ValueError, match="solver must be a uotmatch.SolverOptions, got dict"):

@@ -134,7 +134,7 @@ class DETRConfig(TrainConfig):
         default=None,
         metadata={
             "help": "uot: solver tolerance (relative marginal error)",
-            "default_help": "1e-5",
+            "default_help": "1e-3, uotmatch.detection.MATCHER_TOL",
         },
     )
     loss_weighting: str = field(

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from tests.conftest import on
-from uotmatch.detection import HungarianMatcher, UOTMatcher
+from uotmatch.detection import MATCHER_TOL, HungarianMatcher, UOTMatcher
 from uotmatch.detection.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 INF = math.inf
@@ -82,13 +82,31 @@ def test_uot_matcher_soft_plan(device):
     outputs, targets = _batch(1)
     m = UOTMatcher(eps=0.05).solve(on(device, outputs), on(device, targets))
     assert m.plan.device.type == device.type
-    m = UOTMatcher(eps=0.05).solve(outputs, targets)
+    m = UOTMatcher(eps=0.05, tol=1e-5).solve(outputs, targets)
     assert m.plan.shape == (3, 12, 6)  # G = 5 (max), + background
     assert torch.all(m.plan[0, :, 3:5] == 0)  # image 0 has 3 targets: padded columns are 0
     torch.testing.assert_close(m.plan.sum(-1), torch.ones(3, 12), atol=1e-4, rtol=0)
     assert bool(m.converged.all())
     # each real target receives one unit (balanced): mass on real columns
     torch.testing.assert_close(m.plan[2, :, :5].sum(0), torch.ones(5), atol=1e-4, rtol=0)
+
+
+def test_default_tolerance_pairs_as_a_converged_solve():
+    """The matcher's default tol (MATCHER_TOL, looser than match()'s) gives the pairs of a
+    float64 solve to 1e-10 on batches of 100 queries, and an honest error within it."""
+    matcher = UOTMatcher()
+    assert matcher.tol == MATCHER_TOL == 1e-3
+    reference = UOTMatcher(tol=1e-10, max_iter=100_000)
+    for seed in range(4):
+        outputs, targets = _batch(seed, B=4, Q=100, K=91, sizes=(30, 7, 1, 18))
+        m = matcher.solve(outputs, targets)
+        assert bool(m.converged.all()) and bool((m.marginal_error <= MATCHER_TOL).all())
+        double = {k: v.double() for k, v in outputs.items()}
+        ref = reference.solve(double, targets)
+        assert bool((ref.marginal_error <= 1e-10).all())
+        assert torch.equal(m.gt_index("hungarian"), ref.gt_index("hungarian"))
+        # looser than the pairs need, yet not the reference: the plans differ within tol
+        assert float((m.plan.double() - ref.plan).abs().max()) > 1e-9
 
 
 def test_focal_cost_variant():
@@ -135,7 +153,9 @@ def test_more_targets_than_queries_leaves_the_extra_targets_unmatched(eps):
     before), exactly Hungarian at eps = 0."""
     outputs, targets = _batch(4, B=2, Q=5, sizes=(7, 2))
     hun = HungarianMatcher()(outputs, targets)
-    m = UOTMatcher(eps=eps, background_cost=0.0, normalize_cost=True).solve(outputs, targets)
+    m = UOTMatcher(eps=eps, background_cost=0.0, normalize_cost=True, tol=1e-5).solve(
+        outputs, targets
+    )
     assert m.plan.shape == (2, 5, 8)  # [B, Q, G + 1]
     assert bool(m.converged.all()), m.marginal_error
     torch.testing.assert_close(m.plan.sum(-1), torch.ones(2, 5), atol=1e-4, rtol=0)

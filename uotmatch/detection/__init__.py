@@ -25,7 +25,12 @@ from uotmatch.detection._geometry import (
     anchor_points,
     feature_sizes,
 )
-from uotmatch.detection._matchers import GroupedMatcher, HungarianMatcher, UOTMatcher
+from uotmatch.detection._matchers import (
+    MATCHER_TOL,
+    GroupedMatcher,
+    HungarianMatcher,
+    UOTMatcher,
+)
 from uotmatch.detection._ota import (
     ASSIGNER_TOL,
     CENTER_PRIOR_PENALTY,
@@ -66,6 +71,7 @@ __all__ = [
     "INSIDE_MARGIN",
     "INSIDE_MARGIN_STRICT",
     "MATCHERS",
+    "MATCHER_TOL",
     "PAD_BOX",
     "STRIDES",
     "SIMOTA_GEOMETRIES",
