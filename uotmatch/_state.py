@@ -359,20 +359,21 @@ def start(s: Solve, omega: float) -> State:
         s.cols.tau,
     )
     dt, device = s.cost.dtype, s.cost.device
-    return State(
+    st = State(
         eps=s.stages[0],
         f=f,
         g=g,
         log_u=torch.zeros_like(f),
         log_v=torch.zeros_like(g),
-        u=torch.ones_like(f),
-        v=torch.ones_like(g),
         active=torch.ones(B, dtype=torch.bool, device=device),
-        omega=torch.full((B, 1), omega, dtype=dt, device=device),
         err=torch.full((B,), math.inf, dtype=dt, device=device),
-        last_err=torch.full((B,), math.inf, dtype=dt, device=device),
         iterations=torch.zeros(B, dtype=torch.long, device=device),
     )
+    if not s.newton:  # the sweeps' scalings and relaxation (Newton's stages set their own)
+        st.u, st.v = torch.ones_like(f), torch.ones_like(g)
+        st.omega = torch.full((B, 1), omega, dtype=dt, device=device)
+        st.last_err = torch.full((B,), math.inf, dtype=dt, device=device)
+    return st
 
 
 def optimal_translation(s: Solve, st: State) -> Tensor:
@@ -422,6 +423,8 @@ def output(s: Solve, st: State) -> SolveOutput:
         plan = kernel(s.cost, f, g, st.eps)  # differentiable in f, g
         row_sums = plan.sum(-1)
         err = marginal_error(row_sums, plan.sum(-2), s.rows, s.cols, f, g)
+    elif s.newton:  # Newton's stages keep the plan itself in K (unit scalings)
+        row_sums, plan, err = st.Kv, st.K, st.err
     else:
         row_sums = st.u * st.Kv
         plan = st.K.mul_(st.u.unsqueeze(-1)).mul_(st.v.unsqueeze(-2))  # in place: K is spent
