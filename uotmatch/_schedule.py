@@ -56,6 +56,7 @@ def warm_start(
     lam2: float,
     tau1: float,
     tau2: float,
+    masses: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Initial potentials ``f [B, M]``, ``g [B, N]``: a (damped) c-transform of both sides.
 
@@ -65,7 +66,14 @@ def warm_start(
     stage (a ``tau = 0`` side stays at 0). Every line then has a kernel entry of about 1: none
     starts below the kernel's floor, whatever its offset (a column whose costs are all 1e6),
     which the iterations could otherwise only reach by steps of a few eps.
-    """
+
+    With ``masses`` (the rows' and columns' ``[B, M]``, ``[B, N]``, for a balanced problem), the
+    shorter side's lines start at their *mass level* instead of the minimum: the reduced cost
+    at which their cheapest lines of the other side, alone, hold their mass (:func:`_levels`;
+    the minimum for a line whose mass its cheapest line holds). A background line of mass ``Q -
+    G``, or a ground truth that takes ``k`` anchors, then starts where its optimum is near
+    rather than at its single cheapest entry. It sorts the cost along the longer side: for
+    small problems (Newton's stages)."""
     zero_m, zero_n = row_min.new_zeros(row_min.shape), col_min.new_zeros(col_min.shape)
     f, g = zero_m, zero_n
     if cost.numel() == 0:
@@ -75,12 +83,42 @@ def warm_start(
         if tau2 > 0:
             g = torch.where(col_alive, lam2 * col_min, zero_n)
         if tau1 > 0:
-            reduced = (cost - g[:, None, :]).amin(-1)
-            f = torch.where(row_alive & (reduced < math.inf), lam1 * reduced, zero_m)
+            reduced = cost - g[:, None, :]
+            if masses is None:
+                level = reduced.amin(-1)
+            else:
+                level = _levels(reduced, masses[0], masses[1], col_alive)
+            f = torch.where(row_alive & (level < math.inf), lam1 * level, zero_m)
     else:
         if tau1 > 0:
             f = torch.where(row_alive, lam1 * row_min, zero_m)
         if tau2 > 0:
-            reduced = (cost - f[..., None]).amin(-2)
-            g = torch.where(col_alive & (reduced < math.inf), lam2 * reduced, zero_n)
+            reduced = (cost - f[..., None]).mT
+            if masses is None:
+                level = reduced.amin(-1)
+            else:
+                level = _levels(reduced, masses[1], masses[0], row_alive)
+            g = torch.where(col_alive & (level < math.inf), lam2 * level, zero_n)
     return f, g
+
+
+def _levels(reduced: Tensor, mass: Tensor, other: Tensor, other_alive: Tensor):
+    """``[B, L]`` the mass level of each line of ``reduced [B, L, K]``.
+
+    Its reduced costs to the other side's ``K`` lines, of masses ``other [B, K]``: the smallest
+    reduced cost at which its cheapest lines hold its ``mass [B, L]`` (its minimum where its
+    finite ones cannot). Only the lines heavier than every line of the other side (a background
+    line, a ground truth that takes several anchors) are sorted; the others start at their
+    minimum."""
+    other = torch.where(other_alive, other, 0.0)
+    low = reduced.amin(-1)  # [B, L]
+    need = mass * (1 - 1e-9)
+    heavy = torch.nonzero(need > other.amax(-1, keepdim=True))  # [n, 2]: (item, line)
+    if not len(heavy):
+        return low
+    b, i = heavy.unbind(1)
+    values, order = reduced[b, i].sort(-1)  # [n, K]
+    short = other[b].gather(1, order).cumsum(-1) < need[b, i, None]  # not yet holding it
+    at = short.sum(-1, keepdim=True)  # the first position that holds it (K: none does)
+    level = values.gather(-1, at.clamp_max(reduced.shape[-1] - 1)).squeeze(-1)
+    return low.index_put((b, i), torch.where(at.squeeze(-1) < reduced.shape[-1], level, low[b, i]))

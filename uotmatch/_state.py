@@ -357,6 +357,8 @@ def start(s: Solve, omega: float) -> State:
         s.cols.lam(s.stages[0]),
         s.rows.tau,
         s.cols.tau,
+        # mass levels for the balanced problems Newton's stages solve (small: a short sort)
+        masses=(s.rows.mass, s.cols.mass) if s.newton and s.rows.hard and s.cols.hard else None,
     )
     dt, device = s.cost.dtype, s.cost.device
     st = State(
