@@ -80,11 +80,10 @@ STAGE_STEPS = 8
 #: natural unit, eps) that starts at this and adapts (:func:`step`); a move of ``eps log(1 /
 #: slack)`` reaches any slack down to 1e-14 in one step.
 MAX_STEP = 32.0
-#: Armijo's sufficient-increase fraction, and the shortest fraction of a step tried (by up to
-#: ``MAX_BACKTRACKS`` cuts of 2 to 10 times) before the item takes a sweep instead.
+#: Armijo's sufficient-increase fraction, and how often a step is halved before the item takes
+#: a sweep instead.
 ARMIJO = 1e-4
-SHORTEST = 2.0**-12
-MAX_BACKTRACKS = 12
+MAX_HALVINGS = 12
 #: The gain of a step is trusted down to ``NOISE * finfo.eps * eps * mass``; below it (next to
 #: the optimum), a step is judged by the error it leaves instead.
 NOISE = 256
@@ -317,7 +316,7 @@ def _backtrack(
     pending: Tensor,
     first: _Trial,
 ) -> Tensor:
-    """Armijo backtracking from the step ``t0`` (whose trial is ``first``), by interpolation.
+    """Armijo backtracking from the step ``t0`` (whose trial is ``first``), halving.
 
     Stores each item's first accepted trial; returns ``[B]`` the step each item took (0 where
     none was accepted). Next to the optimum the gain is below the rounding of its own terms:
@@ -328,7 +327,7 @@ def _backtrack(
     taken = torch.zeros_like(t0)
     err_now = None
     t = t0
-    for k in range(MAX_BACKTRACKS):
+    for k in range(MAX_HALVINGS):
         lu, lv, P, gain = first if k == 0 else trial(t)
         predicted = t * slope
         ok = pending & (gain >= ARMIJO * predicted)
@@ -340,14 +339,10 @@ def _backtrack(
             ok = ok | (noisy & (side_error(s.rows, P.sum(-1), fu) < err_now))
         _set(st, lu, lv, P, ok)
         taken = torch.where(ok, t, taken)
-        # Next: the maximum of the quadratic through the gain's slope at 0 and its value at t,
-        # within [t / 10, t / 2] (a step whose gain fell far short is cut by more than half),
-        # down to SHORTEST of t0.
-        q = t * predicted / (2 * (predicted - gain))
-        t = torch.where(torch.isnan(q), t / 2, torch.minimum(torch.maximum(q, t / 10), t / 2))
-        pending = pending & ~ok & (t >= SHORTEST * t0)
+        pending = pending & ~ok
         if not bool(pending.any()):
             break
+        t = t / 2
     return taken
 
 
