@@ -68,12 +68,12 @@ def warm_start(
     which the iterations could otherwise only reach by steps of a few eps.
 
     With ``masses`` (the rows' and columns' ``[B, M]``, ``[B, N]``, for a balanced problem), the
-    shorter side's lines start at their *mass level* instead of the minimum: the reduced cost
-    at which their cheapest lines of the other side, alone, hold their mass (:func:`_levels`;
-    the minimum for a line whose mass its cheapest line holds). A background line of mass ``Q -
-    G``, or a ground truth that takes ``k`` anchors, then starts where its optimum is near
-    rather than at its single cheapest entry. It sorts the cost along the longer side: for
-    small problems (Newton's stages)."""
+    shorter side's heavy lines start at their *mass level* instead of the minimum: the reduced
+    cost at which their cheapest lines of the other side, alone, hold their mass
+    (:func:`_levels`; a line no heavier than every line of the other side keeps its minimum). A
+    background line of mass ``Q - G``, or a ground truth that takes ``k`` anchors, then starts
+    where its optimum is near rather than at its single cheapest entry. The heavy lines' reduced
+    costs are sorted: the solver asks for it on small problems (Newton's stages)."""
     zero_m, zero_n = row_min.new_zeros(row_min.shape), col_min.new_zeros(col_min.shape)
     f, g = zero_m, zero_n
     if cost.numel() == 0:
