@@ -192,9 +192,9 @@ def decisions(source: str, problems: list[dict]) -> list[dict]:
     DETR's by the matchers' default, ``"hungarian"`` (a tie: a matching of the reference's mass).
     """
 
-    def decode(m, p) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decision of each row (-1: background or padding) and its margin: the relative
-        gap between the two best scores it was chosen by (OTA; none for DETR's matching)."""
+    def decode(m, p) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decision of each row (-1: background or padding) and, for OTA, its margin: the
+        relative gap between the two best scores it was chosen by (None for DETR's matching)."""
         plan = m.plan.double()
         B = plan.shape[0]
         if source in OTA_SOURCES:  # the anchors left out of the solve are background: scale 1
@@ -205,11 +205,12 @@ def decisions(source: str, problems: list[dict]) -> list[dict]:
             top = scores.topk(min(2, scores.shape[-1]), dim=-1).values
             margin = (top[..., 0] - top[..., -1]) / top[..., 0].clamp_min(1e-300)
         else:
-            index = m.gt_index("hungarian")
-            margin = torch.full(index.shape, math.inf, dtype=plan.dtype)
+            index, margin = m.gt_index("hungarian"), None
         a = p.get("a")
         real = torch.ones_like(index, dtype=torch.bool) if a is None else (a > 0).expand_as(index)
-        return torch.where(real, index, -1), torch.where(real, margin, float("inf"))
+        if margin is not None:
+            margin = torch.where(real, margin, float("inf"))
+        return torch.where(real, index, -1), margin
 
     refs = []
     for p in problems:
@@ -229,7 +230,7 @@ def decisions(source: str, problems: list[dict]) -> list[dict]:
         for m, p, (ref, margin, ref_plan) in zip(ms, problems, refs, strict=True):
             index = decode(m, p)[0]
             diff = index != ref
-            if source in OTA_SOURCES:
+            if margin is not None:  # OTA: per anchor
                 tie = margin < TIE
                 changed += int((diff & ~tie).sum())
                 ties += int((diff & tie).sum())

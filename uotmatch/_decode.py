@@ -94,7 +94,8 @@ def _hungarian(plan: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
             continue
         r, c = linear_sum_assignment(-Pi[:, cols])
         keep = Pi[r, cols[c]] > 0
-        out.append((r[keep].astype(np.int64, copy=False), cols[c[keep]].astype(np.int64)))
+        rows, gts = r[keep], cols[c[keep]]
+        out.append((rows.astype(np.int64, copy=False), gts.astype(np.int64, copy=False)))
     return out
 
 
