@@ -144,7 +144,6 @@ def _anchor(s: Solve, st: State, f: Tensor, g: Tensor) -> None:
     st.f, st.g = f, g
     st.W = (f.unsqueeze(-1) + g.unsqueeze(1) - s.cost) / st.eps
     st.log_u, st.log_v = torch.zeros_like(f), torch.zeros_like(g)
-    st.u, st.v = torch.ones_like(f), torch.ones_like(g)
 
 
 def _columns(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,6 +152,15 @@ def _columns(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor]:
     The plan is ``P [B, M, N] = exp(W + lu + lv)``, from one pass of ``exp`` (stable whatever
     ``lu``: each column is scaled by its largest entry first). With ``lam2 = 1``, ``lv = log b -
     LSE_i(W_ij + lu_i)``: no large terms cancel."""
+    lv, E, top = _column_update(s, st, lu)
+    return lv, E.mul_(top.add_(lv).exp_().unsqueeze(1))
+
+
+def _column_update(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_columns`' ``lv``, without the plan.
+
+    With ``E = exp(W + lu - top)`` and ``top [B, N]``, from which the plan is ``E exp(top +
+    lv)``."""
     lam2 = s.cols.lam(st.eps)
     z = torch.add(st.W, lu.unsqueeze(-1))  # [B, M, N], -inf on forbidden pairs and dead lines
     top = z.amax(1, keepdim=True).nan_to_num_(neginf=0.0)  # [B, 1, N]; 0 for an empty column
@@ -162,17 +170,23 @@ def _columns(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor]:
     lv = s.cols.log_mass - lse
     if lam2 < 1:
         lv = lv.mul_(lam2).sub_(st.g, alpha=(1 - lam2) / st.eps)
-    lv = lv.masked_fill_(s.cols.dead, 0.0)
-    return lv, E.mul_(top.add_(lv).exp_().unsqueeze(1))
+    return lv.masked_fill_(s.cols.dead, 0.0), E, top
 
 
 def _rows(s: Solve, st: State, lv: Tensor) -> Tensor:
-    """``[B, M]`` the rows' exact update ``lu`` at the columns' ``lv``."""
+    """``[B, M]`` the rows' exact update ``lu`` at the columns' ``lv``.
+
+    The log-sum-exp written out as :func:`_columns`' (no exponent below ``LOG_FLOOR``: torch's
+    ``logsumexp`` meets subnormal numbers, and takes twice the time at small sizes)."""
     lam1 = s.rows.lam(st.eps)
-    lu = lam1 * (s.rows.log_mass - (st.W + lv.unsqueeze(1)).logsumexp(-1))
+    z = torch.add(st.W, lv.unsqueeze(1))  # [B, M, N]
+    top = z.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # [B, M, 1]; 0 for an empty row
+    E = threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0)
+    total = E.sum(-1)  # 0 for a row with no finite entry
+    lu = lam1 * (s.rows.log_mass - total.clamp_min(1e-300).log_().add_(top.squeeze(-1)))
     if lam1 < 1:
         lu = lu - (1 - lam1) * st.f / st.eps
-    return torch.where(s.rows.alive & torch.isfinite(lu), lu, 0.0)
+    return torch.where(s.rows.alive & (total > 0) & torch.isfinite(lu), lu, 0.0)
 
 
 def _set(st: State, lu: Tensor, lv: Tensor, P: Tensor, items: Tensor | None = None) -> None:
@@ -198,8 +212,12 @@ def _sweep(s: Solve, st: State, items: Tensor) -> None:
 def _system(s: Solve, st: State, r: Tensor, target: Tensor) -> Tensor:
     """``-Hessian`` of the semi-dual at the state, ``[B, M, M]`` (module docstring)."""
     eps, lam2 = st.eps, s.cols.lam(st.eps)
-    P, c = st.K, st.KTu
-    c_inv = torch.where(c == 0, 1.0, c).reciprocal_()  # an empty column's P is 0 anyway
+    P = st.K
+    if lam2 == 1:  # the columns' exact update gave each of them its mass: c = b
+        c_inv = s.cols.inverse_mass
+    else:
+        c = st.KTu
+        c_inv = torch.where(c == 0, 1.0, c).reciprocal_()  # an empty column's P is 0 anyway
     Q = torch.bmm(P * c_inv.unsqueeze(1), P.mT)  # P diag(1/c) P^T
     S = Q + Q.mT  # 2 Q, symmetric to the last bit: its Laplacian is then semidefinite
     coupling = S.sum(-1).sub_(S.diagonal(dim1=1, dim2=2))  # 2 x the off-diagonal row sums
@@ -210,14 +228,17 @@ def _system(s: Solve, st: State, r: Tensor, target: Tensor) -> Tensor:
     if s.finite1:
         diag = diag.add_(target, alpha=1 / s.rows.tau)
     # The natural unit of the system: a row's mass over eps (its curvature when it alone moves).
-    unit = (r.sum(-1) / s.rows.count / eps).clamp_min_(1e-300)  # [B]
-    diag = diag.add_(unit.unsqueeze(-1), alpha=RIDGE).masked_fill_(s.rows.dead, 1.0)
+    # Two hard marginals: the plan's mass is the masses' total.
+    balanced = s.rows.hard and lam2 == 1
+    mean = s.rows.mean_mass if balanced else (r.sum(-1) / s.rows.count).clamp_min_(1e-300)
+    diag = diag.add_(mean.unsqueeze(-1), alpha=RIDGE / eps).masked_fill_(s.rows.dead, 1.0)
     H.diagonal(dim1=1, dim2=2).copy_(diag)  # dead rows: identity (their step is 0)
     # f + c 1 leaves the plan as it is (two hard marginals), or moves only the mass, which the
     # closed-form translation after each step optimises (finite taus): pin that direction.
-    if (s.rows.hard and lam2 == 1) or s.translate:
+    if balanced or s.translate:
         w = s.rows.alive_weight  # [B, M]: 1 on alive rows
-        H = H.baddbmm_((w * (unit / s.rows.count)[:, None]).unsqueeze(-1), w.unsqueeze(1))
+        pin = s.rows.pin if balanced else (w * (mean / s.rows.count)[:, None]).unsqueeze(-1)
+        H = H.baddbmm_(pin, w.unsqueeze(1), alpha=1 / eps)
     return H
 
 
@@ -258,14 +279,19 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
     """One Newton step for the items ``act`` ``[B]`` (the others keep their state).
 
     From the rows' ``target`` at the state: direction, a step within the item's radius, Armijo
-    backtracking; an item whose step fails takes a sweep instead."""
+    backtracking; an item whose step fails takes a sweep instead. The per-item decisions are
+    taken on the host, from one transfer of ``B`` numbers each (small problems: a few tiny
+    tensor operations cost more than the transfer)."""
     r = st.Kv
     grad = torch.where(s.rows.alive & act[:, None], target - r, 0.0)
     L, info = torch.linalg.cholesky_ex(_system(s, st, r, target))
-    d = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)  # [B, M], potential units
-    slope = (grad * d).sum(-1)
-    usable = act & (info == 0) & (slope > 0)  # (NaN compares False)
-    d = torch.where(usable[:, None], d, 0.0) / st.eps  # in units of eps: the step of log_u
+    d = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1).div_(st.eps)  # in units of eps
+    # per item: the gain's rate along d (in the potentials' units), the largest move, the
+    # factorisation's failure, whether it steps
+    rate, reach, failed, active = torch.stack(
+        [(grad * d).sum(-1).mul_(st.eps), d.abs().amax(-1), info.to(d.dtype), act.to(d.dtype)]
+    ).tolist()
+    usable = [a > 0 and i == 0 and x > 0 for a, i, x in zip(active, failed, rate, strict=True)]
     # Along a nearly null direction (a nearly tight group of rows) the quadratic model is far
     # off: the dual is exponential there, and the step it asks for overshoots by orders of
     # magnitude. No row moves by more than the item's radius (in eps) in one step; the radius
@@ -273,8 +299,13 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
     # shortened, so that a large move (a supply that must cross a 1e6 penalty) takes a few
     # dozen steps, not millions.
     if st.radius is None:
-        st.radius = torch.full_like(slope, MAX_STEP)
-    t0 = torch.where(usable, (st.radius / d.abs().amax(-1).clamp_min(1e-300)).clamp(max=1.0), 0.0)
+        st.radius = [MAX_STEP] * len(usable)
+    t0 = [
+        min(1.0, rad / max(m, 1e-300)) if u else 0.0
+        for u, rad, m in zip(usable, st.radius, reach, strict=True)
+    ]
+    t0_t = torch.tensor(t0, dtype=d.dtype, device=d.device)
+    d = torch.where(t0_t[:, None] > 0, d, 0.0)  # (a failed factorisation's NaN stays out)
     base_u, base_v = st.log_u, st.log_v
     target_c = None if s.cols.hard else s.cols.target(st.gv(s))
 
@@ -288,21 +319,26 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
             _gain(s, st, target, target_c, st.eps * (lu - base_u), st.eps * (lv - base_v)),
         )
 
-    lu, lv, P, gain = trial(t0)
-    ok = usable & (gain >= ARMIJO * (t0 * slope))
-    if bool((ok == act).all()):  # every item's step accepted as it is: the common case
+    lu, lv, P, gain = trial(t0_t)
+    gains = gain.tolist()
+    ok = [u and g >= ARMIJO * t * x for u, g, t, x in zip(usable, gains, t0, rate, strict=True)]
+    if ok == [a > 0 for a in active]:  # every step accepted as it is: the common case
         _set(st, lu, lv, P)
-        grow = (t0 < 1) & ok  # the full step, cut short by the radius
-        st.radius = torch.where(grow, st.radius * 2, st.radius)
-    else:
-        taken = _backtrack(s, st, trial, t0, slope, target, usable, (lu, lv, P, gain))
-        grow = (taken >= t0) & (t0 < 1) & usable
-        shrink = (taken < t0) & (taken > 0)
-        radius = torch.where(grow, st.radius * 2, st.radius)
-        st.radius = torch.where(shrink, (radius / 4).clamp_min(MAX_STEP), radius)
-        failed = act & ~(taken > 0)
-        if bool(failed.any()):
-            _sweep(s, st, failed)
+        # a full step that the radius cut short: twice the radius next time
+        st.radius = [2 * q if o and t < 1 else q for o, t, q in zip(ok, t0, st.radius, strict=True)]
+        _translate(s, st)
+        return
+    usable_t = torch.tensor(usable, device=d.device)
+    slope = torch.tensor(rate, dtype=d.dtype, device=d.device)
+    taken = _backtrack(s, st, trial, t0_t, slope, target, usable_t, (lu, lv, P, gain))
+    grow = (taken >= t0_t) & (t0_t < 1) & usable_t
+    shrink = (taken < t0_t) & (taken > 0)
+    radius = torch.tensor(st.radius, dtype=d.dtype, device=d.device)
+    radius = torch.where(grow, radius * 2, radius)
+    st.radius = torch.where(shrink, (radius / 4).clamp_min(MAX_STEP), radius).tolist()
+    failed_items = act & ~(taken > 0)
+    if bool(failed_items.any()):
+        _sweep(s, st, failed_items)
     _translate(s, st)
 
 
@@ -379,7 +415,7 @@ def begin_stage(s: Solve, st: State, eps: float) -> None:
         f = f + (eps - st.eps) * _tangent(s, st)
     st.eps = eps
     _anchor(s, st, f, g)
-    lv, _ = _columns(s, st, st.log_u)
+    lv = _column_update(s, st, st.log_u)[0]  # the plan of these columns is not needed
     lu = _rows(s, st, lv)
     lv, P = _columns(s, st, lu)
     _set(st, lu, lv, P)

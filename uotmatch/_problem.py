@@ -116,7 +116,7 @@ class Problem:
     def balanced(self) -> bool:
         return math.isinf(self.tau1) and math.isinf(self.tau2)
 
-    @property
+    @cached_property
     def row_min(self) -> Tensor:
         """``[B, M]`` row minima over every column, the background's included."""
         if self.background is None:
@@ -357,10 +357,12 @@ def _gt_mask(mask: Any, B: int, N: int, batched: bool, device: torch.device) -> 
 def _background(x: Any, B: int, M: int, batched: bool, C: Tensor) -> Tensor:
     x = _checks._scalar(x)  # a 0-d tensor or array is a scalar cost
     if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        fine = float(x) > -INF  # False for NaN and -inf
         t = C.new_full((B, M), float(x))
     else:
         t = _per_item("background_cost", x, B, M, batched, C, "one cost per prediction")
-    if not bool((t > -INF).all()):  # False for NaN and -inf
+        fine = bool((t > -INF).all())
+    if not fine:
         raise ValueError("background_cost must not contain NaN or -inf")
     return t
 

@@ -6,7 +6,6 @@ Each stage runs by Newton steps (:mod:`uotmatch._newton`) where they apply, by s
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -40,8 +39,10 @@ def prepare(
     col_min = cost.amin(-2) if cols.cost_min is None else cols.cost_min  # [B, N]
     # A line with only forbidden entries, or zero mass under a tau > 0 (KL to 0 forces it
     # empty), carries nothing: exactly zero plan, potential pinned to 0, excluded from the error.
-    row_alive = (row_min < math.inf) & ((rows.mass > 0) | (tau1 == 0))  # [B, M]
-    col_alive = (col_min < math.inf) & ((cols.mass > 0) | (tau2 == 0))  # [B, N]
+    row_alive = row_min < math.inf  # [B, M]
+    row_alive = row_alive if tau1 == 0 else row_alive & (rows.mass > 0)
+    col_alive = col_min < math.inf  # [B, N]
+    col_alive = col_alive if tau2 == 0 else col_alive & (cols.mass > 0)
     magnitude = _precision.potential_magnitude(
         row_min, col_min, row_alive, col_alive, rows.mass, cols.mass, tau1, tau2
     )
@@ -69,8 +70,8 @@ def prepare(
             cost = cost.masked_fill(~row_alive[..., None] | ~col_alive[:, None, :], math.inf)
         row_min = torch.where(row_alive, row_min, math.inf)
         col_min = torch.where(col_alive, col_min, math.inf)
-    rows = replace(rows, cost_min=row_min).live(row_alive, error_mass)
-    cols = replace(cols, cost_min=col_min).live(col_alive, error_mass)
+    rows = Marginal(rows.mass, tau1, row_min).live(row_alive, error_mass)
+    cols = Marginal(cols.mass, tau2, col_min).live(col_alive, error_mass)
     if check_every is None:
         if cost.is_cuda:
             check_every = _sinkhorn.CHECK_EVERY_CUDA

@@ -95,7 +95,8 @@ class Marginal:
         The total ``[B]`` its hard error is relative to: default its own, 1 where that is 0."""
         mass = torch.where(alive, self.mass, 0.0)
         total = mass.sum(-1) if total is None else total
-        return replace(self, mass=mass, alive=alive, total=torch.where(total > 0, total, 1.0))
+        total = torch.where(total > 0, total, 1.0)
+        return Marginal(mass, self.tau, self.cost_min, alive, total)
 
     @cached_property
     def dead(self) -> Tensor:
@@ -113,10 +114,27 @@ class Marginal:
         return self.alive.sum(-1).clamp_min(1)
 
     @cached_property
+    def inverse_mass(self) -> Tensor:
+        """``[B, L]`` ``1 / mass`` on the lines with mass, 1 elsewhere."""
+        return torch.where(self.mass > 0, self.mass, 1.0).reciprocal_()
+
+    @cached_property
+    def mean_mass(self) -> Tensor:
+        """``[B]`` the mass per alive line (above 0)."""
+        return (self.mass.sum(-1) / self.count).clamp_min_(1e-300)
+
+    @cached_property
+    def pin(self) -> Tensor:
+        """``[B, L, 1]`` ``alive_weight`` times ``mean_mass / count``.
+
+        With ``alive_weight``, the rank-one term (over eps) that pins a Newton system's
+        translation direction."""
+        return (self.alive_weight * (self.mean_mass / self.count)[:, None]).unsqueeze(-1)
+
+    @cached_property
     def log_mass(self) -> Tensor:
         """``[B, L]`` log masses, 0 on dead lines (finite everywhere: ``0 * log`` is never NaN)."""
-        log = self.mass.log()
-        return torch.where(self.alive & torch.isfinite(log), log, 0.0)
+        return torch.where(self.alive & (self.mass > 0), self.mass, 1.0).log_()
 
     def target(self, potential: Tensor) -> Tensor:
         """``[B, L]`` the marginal the optimality conditions ask for at ``potential``.
@@ -321,8 +339,8 @@ class State:
     #: Newton's stages (:mod:`uotmatch._newton`): the exponents ``(f + g - C) / eps`` fixed at
     #: the stage's start; the plan is ``K`` itself (the scalings ``u``, ``v`` stay 1).
     W: Tensor = field(default=None)  # type: ignore[assignment]
-    #: ``[B]`` the trust-region radius of the Newton steps, in units of eps.
-    radius: Tensor | None = None
+    #: Per item, the trust-region radius of the Newton steps, in units of eps (on the host).
+    radius: list[float] | None = None
 
     @property
     def weight(self) -> Tensor:
