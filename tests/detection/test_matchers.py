@@ -53,10 +53,14 @@ def _detr_reference(outputs, targets, w_class=1.0, w_bbox=5.0, w_giou=2.0):
 @given(st.integers(0, 10_000))
 def test_hungarian_matcher_equals_detr(device, seed):
     outputs, targets = _batch(seed)
-    ours = HungarianMatcher()(on(device, outputs), on(device, targets))
+    matcher = HungarianMatcher()
+    ours = matcher(on(device, outputs), on(device, targets))
     ref = _detr_reference(outputs, targets)
-    for (pi, gi), (pr, gr) in zip(ours, ref, strict=True):
+    # its pairs come straight from the assignment: its plan decodes to the same
+    decoded = matcher.solve(on(device, outputs), on(device, targets)).pairs()
+    for (pi, gi), (pr, gr), (pd, gd) in zip(ours, ref, decoded, strict=True):
         assert torch.equal(pi, pr) and torch.equal(gi, gr)
+        assert torch.equal(pd.cpu(), pr) and torch.equal(gd.cpu(), gr)
         assert pi.dtype == torch.int64 and gi.dtype == torch.int64
 
 

@@ -427,7 +427,7 @@ def pad_targets(
     """
     if not isinstance(targets, Sequence) or isinstance(targets, str | bytes):
         raise ValueError(f"targets must be a list of dicts, got {type(targets).__name__}")
-    sizes, labels_of = [], []
+    sizes, labels_of, boxes_of = [], [], []
     for i, t in enumerate(targets):
         key = next((k for k in _LABEL_KEYS if isinstance(t, Mapping) and k in t), None)
         if key is None or "boxes" not in t:
@@ -450,16 +450,16 @@ def pad_targets(
             )
         sizes.append(n)
         labels_of.append(labels)
+        boxes_of.append(boxes)
     B, G = len(targets), max(sizes, default=0)
-    dtype = next((t["boxes"].dtype for t in targets if t["boxes"].is_floating_point()), None)
+    dtype = next((b.dtype for b in boxes_of if b.is_floating_point()), None)
     gt_boxes = torch.tensor(pad_box, dtype=dtype, device=device).repeat(B, G, 1)
     gt_labels = torch.zeros(B, G, dtype=torch.long, device=device)
-    gt_mask = torch.zeros(B, G, dtype=torch.bool, device=device)
-    for i, (t, n) in enumerate(zip(targets, sizes, strict=True)):
-        gt_labels[i, :n] = labels_of[i].to(device=device, dtype=torch.long)
-        gt_boxes[i, :n] = t["boxes"].to(device=device, dtype=gt_boxes.dtype)
-        gt_mask[i, :n] = True
-    return gt_boxes, gt_labels, gt_mask
+    gt_mask = torch.arange(G, device=device) < torch.tensor(sizes, device=device)[:, None]
+    if G:  # every image's targets at once, row-major into the mask's first n_i places
+        gt_labels[gt_mask] = torch.cat([x.to(device=device, dtype=torch.long) for x in labels_of])
+        gt_boxes[gt_mask] = torch.cat([x.to(device=device, dtype=gt_boxes.dtype) for x in boxes_of])
+    return gt_boxes, gt_labels, gt_mask.reshape(B, G)
 
 
 def logits_key(outputs) -> str | None:

@@ -114,13 +114,9 @@ class HungarianMatcher(SetMatcher):
         B, Q, G = C.shape
         hard = np.zeros((B, Q, G + 1), dtype=np.float32)
         hard[:, :, G] = 1.0
-        costs, mask = C.cpu().numpy(), targets.gt_mask.cpu().numpy()
-        for i in range(B):
-            cols = np.flatnonzero(mask[i])
-            if cols.size:
-                r, c = linear_sum_assignment_or_raise(costs[i][:, cols], item=i)
-                hard[i, r, cols[c]] = 1.0
-                hard[i, r, G] = 0.0
+        for i, (r, c) in enumerate(_assignments(C, targets.gt_mask)):
+            hard[i, r, c] = 1.0
+            hard[i, r, G] = 0.0
         plan = torch.from_numpy(hard).to(C.device)
         ones = torch.ones(B, dtype=torch.bool, device=C.device)
 
@@ -138,6 +134,27 @@ class HungarianMatcher(SetMatcher):
             potentials=potentials,
             gt_mask=targets.gt_mask,
         )
+
+    def forward(self, outputs, targets) -> Pairs:
+        """DETR's pairs, straight from the assignment (:meth:`solve`'s plan decodes to them)."""
+        C, targets = self.cost(outputs, targets)
+        return [
+            (torch.from_numpy(r), torch.from_numpy(c)) for r, c in _assignments(C, targets.gt_mask)
+        ]
+
+
+def _assignments(C: Tensor, gt_mask: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image, scipy's one-to-one assignment on its real targets.
+
+    ``(queries, targets)`` as int64 arrays, sorted by query (``uotmatch._exact``'s assignment,
+    which names an infeasible image)."""
+    costs, mask = C.cpu().numpy(), gt_mask.cpu().numpy()
+    out = []
+    for i in range(len(costs)):
+        cols = np.flatnonzero(mask[i])
+        r, c = linear_sum_assignment_or_raise(costs[i][:, cols], item=i)
+        out.append((r.astype(np.int64), cols[c].astype(np.int64)))
+    return out
 
 
 class UOTMatcher(SetMatcher):
