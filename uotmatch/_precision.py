@@ -27,6 +27,7 @@ __all__ = [
     "PRECISION",
     "cast_plan",
     "imprecise",
+    "line_ranges",
     "mass_resolution",
     "needs_float64",
     "overflow_error",
@@ -81,9 +82,27 @@ def needs_float64(magnitude: Tensor, log_bound: Tensor, dtype: torch.dtype, eps:
     return bool((imprecise(magnitude, dtype, eps) | (log_bound > LOG_SAFE[dtype])).any())
 
 
+def line_ranges(row_min: Tensor, col_min: Tensor, row_alive: Tensor, col_alive: Tensor) -> Tensor:
+    """``[4, B]`` per item, the lowest and highest cost minimum of the alive rows, then columns.
+
+    ``+inf`` and ``-inf`` where a side has no alive line. What the precision policy
+    (:func:`potential_magnitude`) and the eps schedule (:func:`uotmatch._schedule.eps_schedule`)
+    read of the lines."""
+    B = row_min.shape[0]
+    out = []
+    for mins, alive in ((row_min, row_alive), (col_min, col_alive)):
+        if mins.shape[1]:
+            out += [
+                torch.where(alive, mins, math.inf).amin(-1),
+                torch.where(alive, mins, -math.inf).amax(-1),
+            ]
+        else:
+            out += [mins.new_full((B,), math.inf), mins.new_full((B,), -math.inf)]
+    return torch.stack(out)
+
+
 def potential_magnitude(
-    row_min: Tensor,
-    col_min: Tensor,
+    ranges: Tensor,
     row_alive: Tensor,
     col_alive: Tensor,
     row_mass: Tensor,
@@ -93,19 +112,16 @@ def potential_magnitude(
 ) -> Tensor:
     """``[B]`` the size of the potentials.
 
-    The largest line minimum of the costs (an absorbed potential is of that size, and the
-    kernel's exponents are rounded at it), plus, with two finite taus, the shift ``tau1 tau2 /
-    (tau1 + tau2) |log(sum a / sum b)|`` that unequal total masses give them (``tau |log(sum a /
-    sum b)|`` when only one tau is finite: that side's potentials absorb the whole ratio)."""
-    zero = torch.zeros((), dtype=row_min.dtype, device=row_min.device)
-    magnitude = torch.zeros(row_min.shape[0], dtype=row_min.dtype, device=row_min.device)
-    for mins, alive in ((row_min, row_alive), (col_min, col_alive)):
-        if mins.shape[1]:
-            magnitude = torch.maximum(magnitude, torch.where(alive, mins.abs(), zero).amax(-1))
+    The largest line minimum of the costs (``ranges``: :func:`line_ranges`; an absorbed potential
+    is of that size, and the kernel's exponents are rounded at it), plus, with two finite taus,
+    the shift ``tau1 tau2 / (tau1 + tau2) |log(sum a / sum b)|`` that unequal total masses give
+    them (``tau |log(sum a / sum b)|`` when only one tau is finite: that side's potentials absorb
+    the whole ratio)."""
+    magnitude = torch.where(torch.isfinite(ranges), ranges.abs(), 0.0).amax(0)
     finite1, finite2 = 0 < tau1 < math.inf, 0 < tau2 < math.inf
     if finite1 or finite2:
-        total_a = torch.where(row_alive, row_mass, zero).sum(-1)
-        total_b = torch.where(col_alive, col_mass, zero).sum(-1)
+        total_a = torch.where(row_alive, row_mass, 0.0).sum(-1)
+        total_b = torch.where(col_alive, col_mass, 0.0).sum(-1)
         ratio = (total_a.log() - total_b.log()).nan_to_num(0.0, 0.0, 0.0).abs()
         if finite1 and finite2:
             tau = tau1 * tau2 / (tau1 + tau2)

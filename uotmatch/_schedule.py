@@ -20,26 +20,25 @@ MIN_EPS_RATIO = 64.0
 
 
 def eps_schedule(
-    row_min: Tensor, col_min: Tensor, eps: float, decay: float, min_ratio: float = MIN_EPS_RATIO
+    ranges: Tensor, eps: float, decay: float, dtype: torch.dtype, min_ratio: float = MIN_EPS_RATIO
 ) -> list[float]:
     """Decreasing eps values ending at ``eps``, each ``decay`` times the previous one.
 
     Only when the estimated dual range exceeds ``min_ratio`` times eps (else just ``[eps]``).
 
-    Starts at the spread of the row and column minima (alive lines only; pass ``+inf`` for dead
-    ones), a cheap estimate of the range of the dual potentials that, unlike the raw cost range,
-    ignores large penalty constants. The whole range is covered, up to the precision of the
-    dtype: a spread above ``eps / finfo.eps`` cannot be resolved anyway.
+    Starts at the spread of the alive rows' and columns' cost minima over the batch (``ranges``:
+    :func:`uotmatch._precision.line_ranges`), a cheap estimate of the range of the dual
+    potentials that, unlike the raw cost range, ignores large penalty constants. The whole range
+    is covered, up to the precision of ``dtype``: a spread above ``eps / finfo.eps`` cannot be
+    resolved anyway.
     """
-    gaps = []
-    for mins in (row_min, col_min):  # dead lines hold +inf
-        if mins.numel():
-            lo = mins.amin()
-            gaps.append(torch.where(mins < math.inf, mins, lo).amax() - lo)
-    finite = torch.stack(gaps).detach().tolist() if gaps else []  # one host sync for both
-    spread = sum(g for g in finite if math.isfinite(g))
+    lo_rows, hi_rows, lo_cols, hi_cols = ranges.detach().tolist()  # one host sync
+    spread = 0.0
+    for lo, hi in ((lo_rows, hi_rows), (lo_cols, hi_cols)):
+        gap = max(hi, default=-math.inf) - min(lo, default=math.inf)
+        spread += gap if math.isfinite(gap) else 0.0
     stages = []
-    e = min(spread, eps / torch.finfo(row_min.dtype).eps) if spread > eps * min_ratio else eps
+    e = min(spread, eps / torch.finfo(dtype).eps) if spread > eps * min_ratio else eps
     while e > eps:
         stages.append(e)
         e *= decay

@@ -43,8 +43,9 @@ def prepare(
     row_alive = row_alive if tau1 == 0 else row_alive & (rows.mass > 0)
     col_alive = col_min < math.inf  # [B, N]
     col_alive = col_alive if tau2 == 0 else col_alive & (cols.mass > 0)
+    ranges = _precision.line_ranges(row_min, col_min, row_alive, col_alive)  # [4, B]
     magnitude = _precision.potential_magnitude(
-        row_min, col_min, row_alive, col_alive, rows.mass, cols.mass, tau1, tau2
+        ranges, row_alive, col_alive, rows.mass, cols.mass, tau1, tau2
     )
     rescue = _newton.applies(cost, tau1, tau2) if newton is None else newton
     use_newton = rescue and _newton.first(cost, tau1, tau2)
@@ -80,9 +81,9 @@ def prepare(
             check_every = _sinkhorn.CHECK_EVERY_CPU_SMALL if small else 1
     floor = KERNEL_LOG_FLOOR[cost.dtype]
     if use_newton:
-        stages = eps_schedule(row_min, col_min, eps, _newton.EPS_DECAY, _newton.MIN_EPS_RATIO)
+        stages = eps_schedule(ranges, eps, _newton.EPS_DECAY, cost.dtype, _newton.MIN_EPS_RATIO)
     else:
-        stages = eps_schedule(row_min, col_min, eps, _sinkhorn.EPS_DECAY)
+        stages = eps_schedule(ranges, eps, _sinkhorn.EPS_DECAY, cost.dtype)
     return Solve(
         cost=cost,
         rows=rows,
