@@ -105,8 +105,8 @@ STARVED = 1e-3
 LOG_FLOOR = -700.0
 FLOOR = math.exp(LOG_FLOOR) * 2
 
-#: A trial step: the rows' ``lu``, the columns' exact ``lv``, the plan, and ``[B]`` the gain.
-_Trial = tuple[Tensor, Tensor, Tensor, Tensor]
+#: A trial step: the rows' ``lu``, the columns' exact ``lv``, the plan, and per item the gain.
+_Trial = tuple[Tensor, Tensor, Tensor, list[float]]
 
 
 def applies(cost: Tensor, tau1: float, tau2: float) -> bool:
@@ -304,23 +304,24 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
         min(1.0, rad / max(m, 1e-300)) if u else 0.0
         for u, rad, m in zip(usable, st.radius, reach, strict=True)
     ]
-    t0_t = torch.tensor(t0, dtype=d.dtype, device=d.device)
-    d = torch.where(t0_t[:, None] > 0, d, 0.0)  # (a failed factorisation's NaN stays out)
+    d = torch.where(torch.tensor(usable, device=d.device)[:, None], d, 0.0)  # (no NaN)
     base_u, base_v = st.log_u, st.log_v
     target_c = None if s.cols.hard else s.cols.target(st.gv(s))
+    # Two hard sides: the rows' gain is linear in the step (``eps t <a, d>``), the columns'
+    # ``eps <b, lv - lv0>``; each trial then transfers two numbers per item.
+    rows_rate = (s.rows.mass * d).sum(-1) if s.rows.hard and s.cols.hard else None
 
-    def trial(t: Tensor) -> _Trial:
-        lu = base_u + t[:, None] * d
+    def trial(t: list[float]) -> _Trial:
+        lu = base_u + torch.tensor(t, dtype=d.dtype, device=d.device)[:, None] * d
         lv, P = _columns(s, st, lu)
-        return (
-            lu,
-            lv,
-            P,
-            _gain(s, st, target, target_c, st.eps * (lu - base_u), st.eps * (lv - base_v)),
-        )
+        if rows_rate is None:
+            gain = _gain(s, st, target, target_c, st.eps * (lu - base_u), st.eps * (lv - base_v))
+            return lu, lv, P, gain.tolist()
+        a_d, b_dlv = torch.stack([rows_rate, (s.cols.mass * (lv - base_v)).sum(-1)]).tolist()
+        gains = [st.eps * (x * y + z) for x, y, z in zip(t, a_d, b_dlv, strict=True)]
+        return lu, lv, P, gains
 
-    lu, lv, P, gain = trial(t0_t)
-    gains = gain.tolist()
+    lu, lv, P, gains = trial(t0)
     ok = [u and g >= ARMIJO * t * x for u, g, t, x in zip(usable, gains, t0, rate, strict=True)]
     if ok == [a > 0 for a in active]:  # every step accepted as it is: the common case
         _set(st, lu, lv, P)
@@ -328,57 +329,68 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
         st.radius = [2 * q if o and t < 1 else q for o, t, q in zip(ok, t0, st.radius, strict=True)]
         _translate(s, st)
         return
-    usable_t = torch.tensor(usable, device=d.device)
-    slope = torch.tensor(rate, dtype=d.dtype, device=d.device)
-    taken = _backtrack(s, st, trial, t0_t, slope, target, usable_t, (lu, lv, P, gain))
-    grow = (taken >= t0_t) & (t0_t < 1) & usable_t
-    shrink = (taken < t0_t) & (taken > 0)
-    radius = torch.tensor(st.radius, dtype=d.dtype, device=d.device)
-    radius = torch.where(grow, radius * 2, radius)
-    st.radius = torch.where(shrink, (radius / 4).clamp_min(MAX_STEP), radius).tolist()
-    failed_items = act & ~(taken > 0)
-    if bool(failed_items.any()):
-        _sweep(s, st, failed_items)
+    taken = _backtrack(s, st, trial, t0, rate, gains, target, usable, (lu, lv, P))
+    radius = []
+    for u, t, q, took in zip(usable, t0, st.radius, taken, strict=True):
+        q = 2 * q if u and t < 1 and took >= t else q  # the full step, cut short by the radius
+        radius.append(max(q / 4, MAX_STEP) if 0 < took < t else q)  # a step that was shortened
+    st.radius = radius
+    failed = [a > 0 and not took > 0 for a, took in zip(active, taken, strict=True)]
+    if any(failed):
+        _sweep(s, st, torch.tensor(failed, device=d.device))
     _translate(s, st)
 
 
 def _backtrack(
     s: Solve,
     st: State,
-    trial: Callable[[Tensor], _Trial],
-    t0: Tensor,
-    slope: Tensor,
+    trial: Callable[[list[float]], _Trial],
+    t0: list[float],
+    rate: list[float],
+    gains: list[float],
     target: Tensor,
-    pending: Tensor,
-    first: _Trial,
-) -> Tensor:
-    """Armijo backtracking from the step ``t0`` (whose trial is ``first``), halving.
+    pending: list[bool],
+    first: tuple[Tensor, Tensor, Tensor],
+) -> list[float]:
+    """Armijo backtracking from the steps ``t0``, halving.
 
-    Stores each item's first accepted trial; returns ``[B]`` the step each item took (0 where
-    none was accepted). Next to the optimum the gain is below the rounding of its own terms:
-    there a step is also accepted when it lowers the rows' error (the columns' is 0 after their
-    exact update)."""
+    Per item (on the host): ``rate`` the gain's rate along the direction, ``gains`` the first
+    trial's (``first``: its ``lu``, ``lv`` and plan), ``pending`` the items that step. Stores
+    each item's first accepted trial; returns the step each item took (0 where none was
+    accepted). Next to the optimum the gain is below the rounding of its own terms: there a step
+    is also accepted when it lowers the rows' error (the columns' is 0 after their exact
+    update)."""
     r = st.Kv
-    noise = NOISE * torch.finfo(r.dtype).eps * st.eps * target.sum(-1)
-    taken = torch.zeros_like(t0)
-    err_now = None
+    noise = (NOISE * torch.finfo(r.dtype).eps * st.eps * target.sum(-1)).tolist()
+    taken = [0.0] * len(t0)
+    err_now: list[float] | None = None
+    lu_kept, lv_kept, P_kept = st.log_u, st.log_v, st.K
     t = t0
+    lu, lv, P = first
     for k in range(MAX_HALVINGS):
-        lu, lv, P, gain = first if k == 0 else trial(t)
-        predicted = t * slope
-        ok = pending & (gain >= ARMIJO * predicted)
-        noisy = pending & ~ok & (predicted < noise)
-        if bool(noisy.any()):
+        if k:
+            lu, lv, P, gains = trial(t)
+        predicted = [ti * x for ti, x in zip(t, rate, strict=True)]
+        ok = [p and g >= ARMIJO * q for p, g, q in zip(pending, gains, predicted, strict=True)]
+        noisy = [
+            p and not o and q < n for p, o, q, n in zip(pending, ok, predicted, noise, strict=True)
+        ]
+        if any(noisy):
             if err_now is None:
-                err_now = side_error(s.rows, r, st.fu(s))
+                err_now = side_error(s.rows, r, st.fu(s)).tolist()
             fu = st.f + st.eps * lu if s.finite1 else st.f
-            ok = ok | (noisy & (side_error(s.rows, P.sum(-1), fu) < err_now))
-        _set(st, lu, lv, P, ok)
-        taken = torch.where(ok, t, taken)
-        pending = pending & ~ok
-        if not bool(pending.any()):
+            errs = side_error(s.rows, P.sum(-1), fu).tolist()
+            ok = [o or (n and e < e0) for o, n, e, e0 in zip(ok, noisy, errs, err_now, strict=True)]
+        if any(ok):
+            pick = torch.tensor(ok, device=r.device)[:, None]
+            lu_kept, lv_kept = torch.where(pick, lu, lu_kept), torch.where(pick, lv, lv_kept)
+            P_kept = torch.where(pick[..., None], P, P_kept)
+        taken = [ti if o else tk for ti, o, tk in zip(t, ok, taken, strict=True)]
+        pending = [p and not o for p, o in zip(pending, ok, strict=True)]
+        if not any(pending):
             break
-        t = t / 2
+        t = [ti / 2 for ti in t]
+    _set(st, lu_kept, lv_kept, P_kept)
     return taken
 
 
