@@ -304,7 +304,8 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
         min(1.0, rad / max(m, 1e-300)) if u else 0.0
         for u, rad, m in zip(usable, st.radius, reach, strict=True)
     ]
-    d = torch.where(torch.tensor(usable, device=d.device)[:, None], d, 0.0)  # (no NaN)
+    steps = torch.tensor(usable, dtype=torch.bool, device=d.device)
+    d = torch.where(steps[:, None], d, 0.0)  # (a failed factorisation's NaN stays out)
     base_u, base_v = st.log_u, st.log_v
     target_c = None if s.cols.hard else s.cols.target(st.gv(s))
     # Two hard sides: the rows' gain is linear in the step (``eps t <a, d>``), the columns'
@@ -337,7 +338,7 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
     st.radius = radius
     failed = [a > 0 and not took > 0 for a, took in zip(active, taken, strict=True)]
     if any(failed):
-        _sweep(s, st, torch.tensor(failed, device=d.device))
+        _sweep(s, st, torch.tensor(failed, dtype=torch.bool, device=d.device))
     _translate(s, st)
 
 
@@ -382,7 +383,7 @@ def _backtrack(
             errs = side_error(s.rows, P.sum(-1), fu).tolist()
             ok = [o or (n and e < e0) for o, n, e, e0 in zip(ok, noisy, errs, err_now, strict=True)]
         if any(ok):
-            pick = torch.tensor(ok, device=r.device)[:, None]
+            pick = torch.tensor(ok, dtype=torch.bool, device=r.device)[:, None]
             lu_kept, lv_kept = torch.where(pick, lu, lu_kept), torch.where(pick, lv, lv_kept)
             P_kept = torch.where(pick[..., None], P, P_kept)
         taken = [ti if o else tk for ti, o, tk in zip(t, ok, taken, strict=True)]
