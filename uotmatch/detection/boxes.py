@@ -69,11 +69,10 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise GIoU (Rezatofighi et al., 2019) in ``[-1, 1]``, ``[..., M, N]``."""
-    a, b = boxes1.unsqueeze(-2), boxes2.unsqueeze(-3)  # [..., M, 1, 4], [..., 1, N, 4]
-    hi, lo = torch.maximum(a, b), torch.minimum(a, b)  # both corners of both boxes at once
-    inter = (lo[..., 2:] - hi[..., :2]).clamp_min(0).prod(-1)
-    hull = (hi[..., 2:] - lo[..., :2]).clamp_min(0).prod(-1)
-    union = box_area(boxes1).unsqueeze(-1) + box_area(boxes2).unsqueeze(-2) - inter
+    inter, union = _pairwise_inter_union(boxes1, boxes2)
+    a, b = boxes1.unsqueeze(-2), boxes2.unsqueeze(-3)
+    hull_wh = torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])
+    hull = hull_wh.clamp_min(0).prod(-1)
     return _safe_div(inter, union) - _safe_div(hull - union, hull)
 
 
