@@ -211,6 +211,38 @@ def test_mass_levels_of_the_warm_start():
     assert (levels > reduced.amin(-1)).sum() >= 5  # the heavy lines start above their minimum
 
 
+@pytest.mark.parametrize("shape", [(7, 30, 50), (7, 50, 30)])
+def test_the_warm_start_in_chunks_is_the_c_transform(shape, monkeypatch):
+    """Reduced a few items at a time (a large cost), the warm start is the same c-transform as
+    from one temporary: the longer side's minima, the other side's minima of the reduced cost
+    (a loop over items, by hand), forbidden pairs and dead lines included."""
+    from uotmatch import _schedule
+
+    g = torch.Generator().manual_seed(2)
+    cost = torch.rand(shape, generator=g, dtype=torch.float64) * 3
+    cost[1, :, 4] = math.inf  # a dead column
+    cost[2, 3, :] = math.inf  # a dead row
+    cost[3, 5, 6] = math.inf  # a forbidden pair
+    row_min, col_min = cost.amin(-1), cost.amin(-2)
+    args = (cost, row_min, col_min, row_min < math.inf, col_min < math.inf, 1.0, 1.0, 1.0, 1.0)
+    whole = _schedule.warm_start(*args)
+    monkeypatch.setattr(_schedule, "CHUNK", 2 * shape[1] * shape[2])  # two items per chunk
+    chunked = _schedule.warm_start(*args)
+    for x, y in zip(whole, chunked, strict=True):
+        assert torch.equal(x, y)
+    f, g_ = chunked
+    for b in range(shape[0]):  # by hand
+        if shape[2] >= shape[1]:  # columns longer: their minima, then the rows'
+            expected_g = torch.where(col_min[b] < math.inf, col_min[b], 0.0)
+            expected_f = (cost[b] - expected_g).amin(-1)
+            expected_f = torch.where(expected_f < math.inf, expected_f, 0.0)
+        else:
+            expected_f = torch.where(row_min[b] < math.inf, row_min[b], 0.0)
+            expected_g = (cost[b] - expected_f[:, None]).amin(0)
+            expected_g = torch.where(expected_g < math.inf, expected_g, 0.0)
+        assert torch.equal(f[b], expected_f) and torch.equal(g_[b], expected_g), b
+
+
 def test_mass_level_warm_start_takes_fewer_iterations():
     """On balanced problems with a background column (the background line heavy), the solve
     from the mass levels converges to the same plan as one from plain minima (the warm start
