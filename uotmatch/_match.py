@@ -274,7 +274,7 @@ def _run(p: Problem, cost: Tensor, rows: Marginal, cols: Marginal, transpose: bo
     plan, f, g = (out.plan.mT, out.g, out.f) if transpose else (out.plan, out.f, out.g)
     dtype = p.cost.dtype  # a solve moved to float64 for precision comes back in its dtype
     if plan.dtype != dtype:
-        plan = cast_plan(plan, dtype)
+        plan = cast_plan(plan, dtype, bounded=p.balanced)
         f, g, out.error = f.to(dtype), g.to(dtype), out.error.to(dtype)
     return out, plan, f, g
 

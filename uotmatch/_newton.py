@@ -304,8 +304,8 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
         min(1.0, rad / max(m, 1e-300)) if u else 0.0
         for u, rad, m in zip(usable, st.radius, reach, strict=True)
     ]
-    steps = torch.tensor(usable, dtype=torch.bool, device=d.device)
-    d = torch.where(steps[:, None], d, 0.0)  # (a failed factorisation's NaN stays out)
+    if not all(usable):  # (a failed factorisation's NaN stays out)
+        d = torch.where(torch.tensor(usable, dtype=torch.bool, device=d.device)[:, None], d, 0.0)
     base_u, base_v = st.log_u, st.log_v
     target_c = None if s.cols.hard else s.cols.target(st.gv(s))
     # Two hard sides: the rows' gain is linear in the step (``eps t <a, d>``), the columns'
@@ -313,7 +313,10 @@ def step(s: Solve, st: State, act: Tensor, target: Tensor) -> None:
     rows_rate = (s.rows.mass * d).sum(-1) if s.rows.hard and s.cols.hard else None
 
     def trial(t: list[float]) -> _Trial:
-        lu = base_u + torch.tensor(t, dtype=d.dtype, device=d.device)[:, None] * d
+        if all(ti == 1.0 for ti in t):  # full steps (the common case): no step lengths to apply
+            lu = base_u + d
+        else:
+            lu = base_u + torch.tensor(t, dtype=d.dtype, device=d.device)[:, None] * d
         lv, P = _columns(s, st, lu)
         if rows_rate is None:
             gain = _gain(s, st, target, target_c, st.eps * (lu - base_u), st.eps * (lv - base_v))
@@ -481,8 +484,9 @@ def run_stage(s: Solve, st: State, final: bool) -> None:
         if bool(starved.any()):
             _sweep(s, st, starved)
             act = act & ~starved
-            target = s.rows.target(st.fu(s))
-        if bool(act.any()):
+            if bool(act.any()):
+                step(s, st, act, target=s.rows.target(st.fu(s)))
+        else:  # some item is active here (a stage returns once none is)
             step(s, st, act, target)
         st.it += 1
 

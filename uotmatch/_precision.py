@@ -182,11 +182,14 @@ def overflow_error(largest: float, dtype: torch.dtype) -> ValueError:
     )
 
 
-def cast_plan(plan: Tensor, dtype: torch.dtype) -> Tensor:
-    """``plan`` in ``dtype``; entries beyond its range are an error, not an infinite plan."""
+def cast_plan(plan: Tensor, dtype: torch.dtype, bounded: bool = False) -> Tensor:
+    """``plan`` in ``dtype``; entries beyond its range are an error, not an infinite plan.
+
+    ``bounded``: the plan's entries are known to be at most masses of ``dtype`` (a balanced plan:
+    each entry at most its line's mass, which one side meets exactly), so none can overflow."""
     if plan.dtype == dtype:
         return plan
-    if plan.numel() and bool((plan > torch.finfo(dtype).max).any()):
+    if not bounded and plan.numel() and bool((plan > torch.finfo(dtype).max).any()):
         raise overflow_error(float(plan.amax()), dtype)
     return plan.to(dtype)
 
