@@ -44,10 +44,9 @@ def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, solve
     kw = dict(gt_mask=mask, solver=solver)
     if background_cost is None:
         return uotmatch.match(C, eps, tau1, tau2, **kw)
-    # G is the most targets of any image: only then can an image have more targets than queries
-    if not (math.isinf(tau2) and B and G > Q and int(mask.sum(1).max()) > Q):
+    # Targets are counted only where the padded width G allows an image more than Q of them.
+    if not (math.isinf(tau2) and B and G > Q and int((counts := mask.sum(1)).max()) > Q):
         return uotmatch.match(C, eps, tau1, tau2, background_cost=background_cost, **kw)
-    counts = mask.sum(1)  # [B]
     extra = (counts - Q).clamp_min(0).to(C.dtype)  # [B]
     C = torch.cat([C, C.new_zeros(B, 1, G)], dim=1)  # [B, Q + 1, G]
     a = torch.cat([C.new_ones(B, Q), extra[:, None]], dim=1)
