@@ -162,9 +162,8 @@ def _column_update(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor, Ten
     With ``E = exp(W + lu - top)`` and ``top [B, N]``, from which the plan is ``E exp(top +
     lv)``."""
     lam2 = s.cols.lam(st.eps)
-    z = torch.add(st.W, lu.unsqueeze(-1))  # [B, M, N], -inf on forbidden pairs and dead lines
-    top = z.amax(1, keepdim=True).nan_to_num_(neginf=0.0)  # [B, 1, N]; 0 for an empty column
-    E = threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0)
+    # [B, M, N], -inf on forbidden pairs and dead lines
+    E, top = _shifted_exp_(torch.add(st.W, lu.unsqueeze(-1)), 1)
     top = top.squeeze(1)
     lse = E.sum(1).clamp_min_(1e-300).log_().add_(top)  # LSE_i (f_i + g0_j - C_ij) / eps
     lv = s.cols.log_mass - lse
@@ -173,15 +172,20 @@ def _column_update(s: Solve, st: State, lu: Tensor) -> tuple[Tensor, Tensor, Ten
     return lv.masked_fill_(s.cols.dead, 0.0), E, top
 
 
-def _rows(s: Solve, st: State, lv: Tensor) -> Tensor:
-    """``[B, M]`` the rows' exact update ``lu`` at the columns' ``lv``.
+def _shifted_exp_(z: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """In place: ``exp(z - top)``, and ``top`` the maxima of ``z`` along ``dim`` (kept dim).
 
-    The log-sum-exp written out as :func:`_columns`' (no exponent below ``LOG_FLOOR``: torch's
-    ``logsumexp`` meets subnormal numbers, and takes twice the time at small sizes)."""
+    ``top`` is 0 for a line with no finite entry. The stable half of a log-sum-exp over either
+    side, written out rather than torch's ``logsumexp``: no exponent below ``LOG_FLOOR`` (``exp``
+    meets no subnormal numbers), and fewer operations at small sizes."""
+    top = z.amax(dim, keepdim=True).nan_to_num_(neginf=0.0)
+    return threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0), top
+
+
+def _rows(s: Solve, st: State, lv: Tensor) -> Tensor:
+    """``[B, M]`` the rows' exact update ``lu`` at the columns' ``lv``."""
     lam1 = s.rows.lam(st.eps)
-    z = torch.add(st.W, lv.unsqueeze(1))  # [B, M, N]
-    top = z.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # [B, M, 1]; 0 for an empty row
-    E = threshold_(z.sub_(top).clamp_min_(LOG_FLOOR).exp_(), FLOOR, 0.0)
+    E, top = _shifted_exp_(torch.add(st.W, lv.unsqueeze(1)), -1)  # [B, M, N]
     total = E.sum(-1)  # 0 for a row with no finite entry
     lu = lam1 * (s.rows.log_mass - total.clamp_min(1e-300).log_().add_(top.squeeze(-1)))
     if lam1 < 1:
