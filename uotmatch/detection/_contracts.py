@@ -459,7 +459,7 @@ def pad_targets(
     if G:  # every image's targets at once, row-major into the mask's first n_i places
         gt_labels[gt_mask] = torch.cat([x.to(device=device, dtype=torch.long) for x in labels_of])
         gt_boxes[gt_mask] = torch.cat([x.to(device=device, dtype=gt_boxes.dtype) for x in boxes_of])
-    return gt_boxes, gt_labels, gt_mask.reshape(B, G)
+    return gt_boxes, gt_labels, gt_mask
 
 
 def logits_key(outputs) -> str | None:
