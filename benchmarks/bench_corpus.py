@@ -293,7 +293,8 @@ MATCHER_BATCHES = (
 
 def matcher_decisions(seeds: int) -> list[dict]:
     """Per tolerance: ``UOTMatcher``'s pairs (its defaults but ``tol``) on generated batches,
-    against a float64 solve to ``REFERENCE_TOL``: the queries paired differently, ties apart."""
+    against the same cost solved in float64 to ``REFERENCE_TOL``: the queries paired
+    differently, ties apart."""
     from uotmatch.detection import UOTMatcher
 
     batches = []
@@ -302,8 +303,9 @@ def matcher_decisions(seeds: int) -> list[dict]:
             batches.append((f"{name} {B}x{Q}", *make(B, Q, 30, seed)))
     reference = UOTMatcher(tol=REFERENCE_TOL, max_iter=100_000)
     refs = []
-    for _, outputs, targets in batches:
-        m = reference.solve({k: v.double() for k, v in outputs.items()}, targets)
+    for _, outputs, targets in batches:  # the same (float32) cost, solved in float64
+        C, t = reference.cost(outputs, targets)
+        m = reference.solve_cost(C.double(), t.gt_mask)
         refs.append((m.gt_index("hungarian"), m.plan))
     rows = []
     for tol in TOLERANCES:

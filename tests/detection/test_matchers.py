@@ -105,12 +105,38 @@ def test_default_tolerance_pairs_as_a_converged_solve():
         outputs, targets = _batch(seed, B=4, Q=100, K=91, sizes=(30, 7, 1, 18))
         m = matcher.solve(outputs, targets)
         assert bool(m.converged.all()) and bool((m.marginal_error <= MATCHER_TOL).all())
-        double = {k: v.double() for k, v in outputs.items()}
-        ref = reference.solve(double, targets)
+        C, t = reference.cost(outputs, targets)
+        ref = reference.solve_cost(C.double(), t.gt_mask)  # the same cost, in float64
         assert bool((ref.marginal_error <= 1e-10).all())
         assert torch.equal(m.gt_index("hungarian"), ref.gt_index("hungarian"))
         # looser than the pairs need, yet not the reference: the plans differ within tol
         assert float((m.plan.double() - ref.plan).abs().max()) > 1e-9
+
+
+def test_the_cost_keeps_float64_and_computes_half_in_float32():
+    """DETR computes its matching cost in the outputs' dtype: float64 outputs give a float64
+    cost (DETR's own, to rounding), half precision is computed in float32, and predictions and
+    targets of different dtypes meet in the wider one."""
+    outputs, targets = _batch(3, B=2, Q=9, sizes=(4, 2))
+    double = {k: v.double() for k, v in outputs.items()}
+    C, t = HungarianMatcher().cost(double, targets)  # targets stay float32
+    assert C.dtype == torch.float64
+    bs, nq = 2, 9
+    out_prob = double["pred_logits"].flatten(0, 1).softmax(-1)
+    out_bbox = double["pred_boxes"].flatten(0, 1)
+    for i, v in enumerate(targets):  # DETR's cost, per image, in float64
+        box = v["boxes"].double()
+        ref = (
+            5 * torch.cdist(out_bbox, box, p=1)
+            - out_prob[:, v["labels"]]
+            - 2 * generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(box))
+        ).view(bs, nq, -1)[i]
+        torch.testing.assert_close(C[i, :, : len(box)], ref, atol=1e-12, rtol=0)
+    half = {k: v.half() for k, v in outputs.items()}
+    for matcher in (HungarianMatcher(), UOTMatcher(), HungarianMatcher(focal=True)):
+        if matcher.focal:
+            half = {**half, "pred_logits": half["pred_logits"][..., :-1]}
+        assert matcher.cost(half, targets)[0].dtype == torch.float32
 
 
 def test_focal_cost_variant():

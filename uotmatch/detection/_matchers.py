@@ -244,17 +244,18 @@ class UOTMatcher(SetMatcher):
     def solve(self, outputs, targets) -> Matching:
         """The batched matching: plan ``[B, Q, G(+1)]`` with ``G = max`` targets per image."""
         C, targets = self.cost(outputs, targets)
+        return self.solve_cost(C, targets.gt_mask)
+
+    @torch.no_grad()
+    def solve_cost(self, C: Tensor, gt_mask: Tensor) -> Matching:
+        """:meth:`solve` from the cost ``[B, Q, G]`` (:meth:`cost`'s) and its ``gt_mask [B, G]``.
+
+        E.g. the same cost solved in float64 (``C.double()``), as a reference."""
         if self.normalize_cost and C.numel():
-            scale = C.masked_fill(~targets.gt_mask[:, None, :], 0).abs().amax((1, 2), keepdim=True)
+            scale = C.masked_fill(~gt_mask[:, None, :], 0).abs().amax((1, 2), keepdim=True)
             C = C / scale.clamp_min(torch.finfo(C.dtype).tiny)
         return _solve_sets(
-            C,
-            targets.gt_mask,
-            self.eps,
-            self.tau1,
-            self.tau2,
-            self.background_cost,
-            self.solver,
+            C, gt_mask, self.eps, self.tau1, self.tau2, self.background_cost, self.solver
         )
 
 

@@ -37,6 +37,18 @@ IOU_LOG_EPS = 1e-8
 IOU_LOG_FLOOR = float(torch.finfo(torch.float32).eps)
 
 
+def _wide(x: Tensor, *others: Tensor) -> Tensor:
+    """``x`` in float32 or wider: half precision computed in float32, float64 kept.
+
+    With ``others``, in the dtype that all of them promote to (at least float32)."""
+    dtype = x.dtype
+    for o in others:
+        dtype = torch.promote_types(dtype, o.dtype)
+    if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+        dtype = torch.float32
+    return x.to(dtype)
+
+
 def one_hot_terms(pos: Tensor, neg: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per-class losses against target 1 and 0, summed against one-hot targets.
 
@@ -52,7 +64,7 @@ def focal_elementwise(logits: Tensor, alpha: float, gamma: float) -> tuple[Tenso
 
     ``(pos, neg)`` of ``logits``' shape, in float32 or wider. ``-log p = softplus(-x)`` and
     ``-log(1 - p) = softplus(x)``: exact for saturated logits."""
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    x = _wide(logits)
     p = x.sigmoid()
     pos = alpha * (1 - p).pow(gamma) * F.softplus(-x)  # FL(x, 1)
     neg = (1 - alpha) * p.pow(gamma) * F.softplus(x)  # FL(x, 0)
@@ -74,7 +86,7 @@ def bce_terms(prob: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
     ``(pair [B, A, G], background [B, A])``, the SimOTA classification cost. torch's
     ``binary_cross_entropy`` (each log clamped at -100), as YOLOX computes it."""
-    p = prob.float() if prob.dtype in (torch.float16, torch.bfloat16) else prob
+    p = _wide(prob)
     pos = F.binary_cross_entropy(p, torch.ones_like(p), reduction="none")
     neg = F.binary_cross_entropy(p, torch.zeros_like(p), reduction="none")
     return one_hot_terms(pos, neg, labels)
@@ -118,19 +130,19 @@ def detr_class_cost(
         pos, neg = focal_elementwise(logits, focal_alpha, focal_gamma)
         return (pos - neg).gather(2, index)
     if focal:
-        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        p = x.sigmoid()
+        p = _wide(logits).sigmoid()
         neg = (1 - focal_alpha) * p.pow(focal_gamma) * -(1 - p + focal_eps).log()
         pos = focal_alpha * (1 - p).pow(focal_gamma) * -(p + focal_eps).log()
         return (pos - neg).gather(2, index)
-    return -logits.float().softmax(-1).gather(2, index)
+    return -_wide(logits).softmax(-1).gather(2, index)
 
 
 def detr_box_costs(pred_boxes: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
     """DETR's box costs between predictions ``[B, Q, 4]`` and targets ``[B, G, 4]``.
 
-    Both normalised cxcywh: the L1 distance and the GIoU (of the xyxy boxes), ``[B, Q, G]`` each."""
-    pb, tb = pred_boxes.float(), boxes.float()
+    Both normalised cxcywh: the L1 distance and the GIoU (of the xyxy boxes), ``[B, Q, G]`` each,
+    in the dtype both promote to (float32 at least: half precision is computed in float32)."""
+    pb, tb = _wide(pred_boxes, boxes), _wide(boxes, pred_boxes)
     l1 = torch.cdist(pb, tb, p=1)
     return l1, generalized_box_iou(box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(tb))
 
