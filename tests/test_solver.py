@@ -63,17 +63,14 @@ def test_the_reduced_item_is_exactly_tight_at_scale_one():
     "scale, budget",
     [(0.9, 100), (0.99, 1000), (0.999, 1000), (1.0, 200)],
 )
-@pytest.mark.parametrize("newton", [None, "rescue"])
-def test_the_reduced_item_converges(scale, budget, newton, monkeypatch):
-    """Supplies with 10%, 1%, 0.1% and no slack: Newton's stages, or the sweeps handing their
-    slow items to Newton ("rescue"), converge within the budget, to tol 1e-5, with a plan on the
-    candidates only (the sweeps alone: next test)."""
-    if newton == "rescue":  # sweeps first, however small the problem
-        import uotmatch._newton as N
-
-        monkeypatch.setattr(N, "FIRST_SIZE", 0)
+@pytest.mark.parametrize("method", ["auto", "sweeps"])
+def test_the_reduced_item_converges(scale, budget, method):
+    """Supplies with 10%, 1%, 0.1% and no slack: Newton's stages (``"auto"`` on a problem this
+    small), or the sweeps handing their slow items to Newton (``"sweeps"``), converge within the
+    budget, to tol 1e-5, with a plan on the candidates only (the sweeps alone: next test)."""
     cost, background, k, candidate = reduced_item(scale)
-    m = uotmatch.match(cost, 0.1, b=k, background_cost=background, tol=1e-5, max_iter=budget)
+    solver = uotmatch.SolverOptions(max_iter=budget, tol=1e-5, method=method)
+    m = uotmatch.match(cost, 0.1, b=k, background_cost=background, solver=solver)
     assert bool(m.converged), (m.status, m.marginal_error)
     assert int(m.iterations) <= budget
     assert torch.isfinite(m.plan).all()
@@ -322,3 +319,25 @@ def test_fast_items_continue_by_plain_sweeps(monkeypatch):
     C, background, k, _ = reduced_item(0.9)
     _sweeps(C.double(), background.double(), k.double(), 1e-3)
     assert weights[1] == _sinkhorn.OMEGA, weights  # after the first sweep's decision
+
+
+def test_the_sweeps_method_solves_small_problems_by_sweeps(monkeypatch):
+    """``SolverOptions(method="sweeps")``: a small well-conditioned problem (a DETR-like
+    matching, unit masses and a background) is solved by scaling sweeps alone, to the plan of
+    ``"auto"`` (Newton's stages there) and of POT within tol."""
+    from uotmatch import _newton
+
+    steps = []
+    monkeypatch.setattr(_newton, "step", lambda *a, **k: steps.append(1))  # counted, never run
+    g = torch.Generator().manual_seed(4)
+    C = torch.rand(3, 40, 6, generator=g, dtype=torch.float64)
+    sweeps = uotmatch.match(C, 0.05, background_cost=0.5, solver=uotmatch.SolverOptions(
+        tol=1e-9, method="sweeps"))  # fmt: skip
+    assert bool(sweeps.converged.all()) and not steps
+    monkeypatch.undo()
+    auto = uotmatch.match(C, 0.05, background_cost=0.5, tol=1e-9)
+    torch.testing.assert_close(sweeps.plan, auto.plan, atol=1e-7, rtol=0)
+    b = np.array([1.0] * 6 + [34.0])
+    full = torch.cat([C[0], torch.full((40, 1), 0.5, dtype=torch.float64)], -1).numpy()
+    ref = ot.sinkhorn(np.ones(40), b, full, 0.05, method="sinkhorn_log", stopThr=1e-12)
+    np.testing.assert_allclose(sweeps.plan[0].numpy(), ref, atol=1e-7)

@@ -170,7 +170,10 @@ def test_one_solver_options_value_for_match_the_assigners_and_the_matchers():
     assert torch.equal(by_value.plan, by_keywords.plan)
     assert int(by_value.iterations.max()) <= 7
     for cls in (OTAAssigner, UOTAssigner, UOTMatcher):
-        assert cls(solver=opts).solver is opts and cls(max_iter=7, tol=1e-3).solver == opts
+        # the matcher's own default method (sweeps) stays under the keywords
+        method = "sweeps" if cls is UOTMatcher else "auto"
+        assert cls(solver=opts).solver is opts
+        assert cls(max_iter=7, tol=1e-3).solver == SolverOptions(7, 1e-3, method=method)
         assert (cls(solver=opts).max_iter, cls(solver=opts).tol) == (7, 1e-3)
         with pytest.raises(ValueError, match="max_iter and solver were both given"):
             cls(max_iter=5, solver=opts)
@@ -185,6 +188,10 @@ def test_one_solver_options_value_for_match_the_assigners_and_the_matchers():
         SolverOptions(tol=0)
     with pytest.raises(ValueError, match="screen must be True or False"):
         SolverOptions(screen="yes")
+    with pytest.raises(
+        ValueError, match=r"method must be one of \['auto', 'sweeps'\], got 'newton'"
+    ):
+        SolverOptions(method="newton")
 
 
 def test_eps_zero_rule_is_stated_once():

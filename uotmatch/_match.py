@@ -250,6 +250,7 @@ def _run(p: Problem, cost: Tensor, rows: Marginal, cols: Marginal, transpose: bo
     ``cost`` is ``[B, M, N]``, or its transpose (then ``rows`` and ``cols`` swap places in the
     call); returns the output and ``(plan, f, g)``."""
     first, second = (cols, rows) if transpose else (rows, cols)
+    kw["newton_first"] = p.method == "auto"
     if p.grad:
         with torch.enable_grad():
             out = solve(cost, first, second, eps=p.eps, max_iter=p.max_iter, tol=p.tol, **kw)

@@ -47,6 +47,7 @@ class Problem:
     max_iter: int
     tol: float
     screen: bool | None
+    method: str  # SolverOptions.method
     kind: str  # the caller's container: torch, numpy or list
     batched: bool
     out_dtype: torch.dtype
@@ -78,7 +79,7 @@ class Problem:
         C = C.to(working_dtype(C.dtype))
         B, M, N = C.shape
         eps, tau1, tau2 = regime(eps, tau1, tau2)
-        max_iter, tol, screen = solver.max_iter, solver.tol, solver.screen
+        max_iter, tol, screen, method = solver.max_iter, solver.tol, solver.screen, solver.method
         a = _mass("a", a, B, M, batched, C)
         b = _mass("b", b, B, N, batched, C)
         given = gt_mask is not None
@@ -99,7 +100,7 @@ class Problem:
         grad = C.requires_grad or a.requires_grad or b.requires_grad
         grad = grad or (bg is not None and bg.requires_grad)
         p = cls(
-            C, a, b, gt_mask, bg, eps, tau1, tau2, max_iter, tol, screen, kind, batched,
+            C, a, b, gt_mask, bg, eps, tau1, tau2, max_iter, tol, screen, method, kind, batched,
             out_dtype, real_min, grad,
         )  # fmt: skip
         p._check_options()

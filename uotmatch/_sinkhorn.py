@@ -142,7 +142,7 @@ def check(s: Solve, st: State, last: bool, stage_start: int) -> bool:
     """
     short_err = side_error_of(s, st, short=True)
     if st.it % ABSORB_CHECK_EVERY < s.check_every:
-        big = torch.maximum(st.log_u.abs().max(), st.log_v.abs().max()) > s.absorb_at
+        big = (st.log_u.abs() > s.absorb_at).any() | (st.log_v.abs() > s.absorb_at).any()
     else:
         big = torch.zeros((), dtype=torch.bool, device=st.u.device)
     stalled = torch.zeros_like(st.active)

@@ -28,6 +28,7 @@ def prepare(
     error_mass: Tensor | None,
     check_every: int | None,
     newton: bool | None,
+    newton_first: bool = True,
 ) -> Solve:
     """The :class:`Solve` of :func:`solve`'s arguments.
 
@@ -48,7 +49,7 @@ def prepare(
         ranges, row_alive, col_alive, rows.mass, cols.mass, tau1, tau2
     )
     rescue = _newton.applies(cost, tau1, tau2) if newton is None else newton
-    use_newton = rescue and _newton.first(cost, tau1, tau2)
+    use_newton = rescue and newton_first and _newton.first(cost, tau1, tau2)
     if use_newton or _precision.needs_float64(
         magnitude,
         _precision.plan_log_bound(
@@ -116,6 +117,7 @@ def solve(
     error_mass: Tensor | None = None,
     check_every: int | None = None,
     newton: bool | None = None,
+    newton_first: bool = True,
 ) -> SolveOutput:
     """Solve a batch of entropic UOT problems.
 
@@ -137,8 +139,11 @@ def solve(
         newton: Newton steps on the rows' dual (:mod:`uotmatch._newton`): None where they apply
             (:func:`uotmatch._newton.applies`: at every stage of small problems, elsewhere for
             the items the sweeps converge too slowly for), False never.
+        newton_first: with Newton steps, small problems run them at every stage (else the
+            sweeps do, and Newton steps finish the items they converge too slowly for);
+            ``SolverOptions.method`` ``"auto"`` (True) or ``"sweeps"`` (False).
     """
-    s = prepare(cost, rows, cols, eps, max_iter, tol, error_mass, check_every, newton)
+    s = prepare(cost, rows, cols, eps, max_iter, tol, error_mass, check_every, newton, newton_first)
     st = start(s, _sinkhorn.OMEGA)
     for stage, eps_s in enumerate(s.stages):
         final = stage == len(s.stages) - 1

@@ -113,6 +113,20 @@ def test_default_tolerance_pairs_as_a_converged_solve():
         assert float((m.plan.double() - ref.plan).abs().max()) > 1e-9
 
 
+def test_the_matcher_solves_by_sweeps_to_the_pairs_of_newtons_stages():
+    """UOTMatcher's default ``method="sweeps"`` (cheaper on DETR matchings) pairs as
+    ``match``'s ``"auto"`` (Newton's stages at this size), within the same tol."""
+    from uotmatch import SolverOptions
+
+    assert UOTMatcher().solver == SolverOptions(tol=MATCHER_TOL, method="sweeps")
+    auto = UOTMatcher(solver=SolverOptions(tol=MATCHER_TOL))
+    for seed in range(3):
+        outputs, targets = _batch(seed, B=4, Q=100, K=91, sizes=(30, 7, 1, 18))
+        m, n = UOTMatcher().solve(outputs, targets), auto.solve(outputs, targets)
+        assert bool(m.converged.all()) and bool(n.converged.all())
+        assert torch.equal(m.gt_index("hungarian"), n.gt_index("hungarian"))
+
+
 def test_the_cost_keeps_float64_and_computes_half_in_float32():
     """DETR computes its matching cost in the outputs' dtype: float64 outputs give a float64
     cost (DETR's own, to rounding), half precision is computed in float32, and predictions and

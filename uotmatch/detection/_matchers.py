@@ -29,8 +29,11 @@ __all__ = ["MATCHER_TOL", "GroupedMatcher", "HungarianMatcher", "UOTMatcher"]
 #: queries, and with queries near their targets (``benchmarks/bench_corpus.py``; 1e-2 changes
 #: pairs). A plan-weighted loss reads the plan to within this relative marginal error.
 MATCHER_TOL = 1e-3
-#: :class:`UOTMatcher`'s solver options: ``match``'s budget at :data:`MATCHER_TOL`.
-DEFAULT_SOLVER = SolverOptions(tol=MATCHER_TOL)
+#: :class:`UOTMatcher`'s solver options: ``match``'s budget at :data:`MATCHER_TOL`, by scaling
+#: sweeps (``method="sweeps"``): a DETR matching is well conditioned (unit masses, a background
+#: that takes the rest), and its sweeps cost less than Newton's steps at every batch size
+#: (``benchmarks/README.md``); Newton steps still finish any item the sweeps converge slowly.
+DEFAULT_SOLVER = SolverOptions(tol=MATCHER_TOL, method="sweeps")
 
 
 def _solve_sets(C: Tensor, mask: Tensor, eps, tau1, tau2, background_cost, solver):
@@ -192,7 +195,8 @@ class UOTMatcher(SetMatcher):
             :data:`MATCHER_TOL`, where the pairs settle: one Newton step fewer than
             ``match``'s 1e-5 on a batch of 100 queries).
         solver: the same as one :class:`uotmatch.SolverOptions` (refused together with
-            ``max_iter`` or ``tol``); the matcher's is ``.solver``.
+            ``max_iter`` or ``tol``); the matcher's is ``.solver``. The default runs scaling
+            sweeps (``method="sweeps"``: ``uotmatch.detection._matchers.DEFAULT_SOLVER``).
     """
 
     def __init__(
