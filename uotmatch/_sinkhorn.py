@@ -92,7 +92,7 @@ def _constants(s: Solve, st: State) -> None:
 def column_update(s: Solve, st: State, KTu: Tensor) -> Tensor:
     """``log v`` of the exact column half-step for ``KTu = K^T u`` (0 on dead columns)."""
     new_v = torch.add(st.c_v, KTu.clamp_min(s.tiny).log(), alpha=-s.cols.lam(st.eps))
-    return torch.where(s.cols.alive, new_v, 0.0) if s.any_dead else new_v
+    return new_v.masked_fill_(s.cols.dead, 0.0) if s.any_dead else new_v
 
 
 def sweep(s: Solve, st: State, weight: Tensor | None = None) -> None:
@@ -104,7 +104,7 @@ def sweep(s: Solve, st: State, weight: Tensor | None = None) -> None:
     lam1 = s.rows.lam(st.eps)
     new_u = torch.add(st.c_u, st.Kv.clamp_min(s.tiny).log(), alpha=-lam1)
     if s.any_dead:
-        new_u = torch.where(s.rows.alive, new_u, 0.0)
+        new_u = new_u.masked_fill_(s.rows.dead, 0.0)
     st.log_u = torch.lerp(st.log_u, new_u, weight).clamp_(-s.log_clamp, s.log_clamp)
     st.u = st.log_u.exp()
     st.KTu = torch.bmm(st.u.unsqueeze(1), st.K).squeeze(1)  # [B, N]
@@ -141,22 +141,25 @@ def check(s: Solve, st: State, last: bool, stage_start: int) -> bool:
     restores full-length steps).
     """
     short_err = side_error_of(s, st, short=True)
+    # Per item on the host, from one transfer: some item near tol, the scalings large (every
+    # few checks), some item to finish by Newton steps (after NEWTON_AFTER sweeps).
+    flags = [((short_err <= s.tol) & st.active).any()]
     if st.it % ABSORB_CHECK_EVERY < s.check_every:
-        big = (st.log_u.abs() > s.absorb_at).any() | (st.log_v.abs() > s.absorb_at).any()
-    else:
-        big = torch.zeros((), dtype=torch.bool, device=st.u.device)
-    stalled = torch.zeros_like(st.active)
+        flags.append(torch.cat([st.log_u, st.log_v], 1).abs().gt(s.absorb_at).any())
+    stalled = None
     if s.rescue and not last and st.it - stage_start >= NEWTON_AFTER:
         rate = short_err / st.last_err  # per check
         need = s.check_every * (s.tol / short_err).log() / rate.log()  # sweeps to tol
         slow = (rate >= 1) | (need > NEWTON_PATIENCE)
         stalled = st.active & (short_err > s.tol) & slow
-    near, big, rescue = torch.stack(
-        [((short_err <= s.tol) & st.active).any(), big, stalled.any()]
-    ).tolist()
+        flags.append(stalled.any())
+    near, *rest = torch.stack(flags).tolist()
+    big = len(flags) > 1 + (stalled is not None) and rest[0]
+    rescue = stalled is not None and rest[-1]
     if (near or last) and freeze(st, torch.maximum(short_err, side_error_of(s, st, False)), s.tol):
         return True
     if rescue:
+        assert stalled is not None
         _newton.finish(s, st, stalled & st.active)
         if not bool(st.active.any()):
             return True
@@ -210,14 +213,18 @@ def run_sweeps(s: Solve, st: State, final: bool) -> None:
     stage_start = st.it
     # (free rows: the columns' exact update settles them)
     miss = _rows_miss(s, st) if final and not s.rows.free else None
+    weight = st.weight  # made again where the checks change it
     for k in range(max(budget, 0)):
-        sweep(s, st)
+        sweep(s, st, weight)
         st.it += 1
         if not final:
             continue
         at_check = not ((k + 1) % s.check_every and k + 1 < budget)
-        if at_check and check(s, st, last=k + 1 == budget, stage_start=stage_start):
-            break
+        if at_check:
+            if check(s, st, last=k + 1 == budget, stage_start=stage_start):
+                break
+            weight = st.weight
         if miss is not None and k == 0:  # a fast problem: plain sweeps from here on
             fast = _rows_miss(s, st) <= FAST_FALL * miss
             st.omega.masked_fill_(fast[:, None], 1.0)
+            weight = st.weight
