@@ -32,6 +32,7 @@ solves, whose per-operation overhead is what a loaded machine slows first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -70,12 +71,17 @@ def load(corpus: Path) -> dict[str, list[dict]]:
 
 
 def solve(problem: dict, **override) -> uotmatch.Matching:
+    """``match`` on a captured problem with the call's own arguments and solver options (a
+    corpus captured before ``SolverOptions.method`` existed replays with ``"auto"``), some of
+    them overridden."""
     kw = {k: v for k, v in problem.items() if k not in ("cost", "eps", "tau1", "tau2", "step")}
     kw.update(override)
+    names = [f.name for f in dataclasses.fields(uotmatch.SolverOptions)]
+    solver = uotmatch.SolverOptions(**{k: kw.pop(k) for k in names if k in kw})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return uotmatch.match(
-            problem["cost"], problem["eps"], problem["tau1"], problem["tau2"], **kw
+            problem["cost"], problem["eps"], problem["tau1"], problem["tau2"], solver=solver, **kw
         )
 
 

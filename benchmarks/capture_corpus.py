@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -54,16 +55,17 @@ def recording(problems: list):
     step = [0]
 
     def record(cost, eps, tau1=math.inf, tau2=math.inf, **kwargs):
-        solver = kwargs.pop("solver", None)  # stored as plain values: loads with weights_only
+        stored = dict(kwargs)
+        solver = stored.pop("solver", None)  # stored as plain values: loads with weights_only
         if solver is not None:
-            kwargs.update(max_iter=solver.max_iter, tol=solver.tol, screen=solver.screen)
+            stored.update({f.name: getattr(solver, f.name) for f in dataclasses.fields(solver)})
 
         def cpu(x):
             return x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x
 
         problems.append(
             {"cost": cpu(cost), "eps": eps, "tau1": tau1, "tau2": tau2, "step": step[0]}
-            | {k: cpu(v) for k, v in kwargs.items()}
+            | {k: cpu(v) for k, v in stored.items()}
         )
         step[0] += 1
         return real(cost, eps, tau1, tau2, **kwargs)

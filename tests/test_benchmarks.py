@@ -189,6 +189,9 @@ def test_the_corpus_is_recorded_and_benchmarked(tmp_path, capsys):
         UOTMatcher()(outputs, targets)
     assert int(result.num_fg.sum()) > 0  # the assignment itself went through
     assert [p["step"] for p in problems] == [0, 1] and problems[0]["b"].shape == (2, 3)
+    # the solver options as plain values: the OTA assigner's Newton stages, the matcher's sweeps
+    assert (problems[0]["method"], problems[1]["method"]) == ("auto", "sweeps")
+    assert problems[1]["tol"] == 1e-3 and problems[1]["max_iter"] == 1000
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     torch.save({"source": "demo", "problems": problems[:1]}, corpus / "demo.pt")
