@@ -38,8 +38,10 @@ class SolverOptions:
             gradients), where a few steps beat the many sweeps a nearly tight supply needs;
             scaling sweeps elsewhere, the items they converge too slowly for finishing by
             Newton steps. ``"sweeps"``: scaling sweeps at every size, Newton steps only for
-            those slow items: cheaper per iteration on small well-conditioned problems (DETR
-            matchings: ``UOTMatcher``'s default).
+            those slow items (a small problem keeps Newton's eps schedule): cheaper per
+            iteration on small well-conditioned problems (DETR matchings at ``UOTMatcher``'s
+            defaults, finite taus), slower where the cost range is hundreds of eps (a small
+            eps, costs not normalised).
 
     Example:
         >>> from uotmatch import SolverOptions

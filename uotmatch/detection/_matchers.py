@@ -196,7 +196,10 @@ class UOTMatcher(SetMatcher):
             ``match``'s 1e-5 on a batch of 100 queries).
         solver: the same as one :class:`uotmatch.SolverOptions` (refused together with
             ``max_iter`` or ``tol``); the matcher's is ``.solver``. The default runs scaling
-            sweeps (``method="sweeps"``: ``uotmatch.detection._matchers.DEFAULT_SOLVER``).
+            sweeps (``method="sweeps"``), the faster at the default eps on normalised costs
+            and with finite taus; with eps far below 0.05, or ``normalize_cost=False``,
+            ``solver=SolverOptions(tol=MATCHER_TOL)`` (Newton's stages) is up to 1.5x faster
+            (``benchmarks/README.md``).
     """
 
     def __init__(
