@@ -356,3 +356,30 @@ def test_small_problems_keep_newtons_schedule_under_the_sweeps_method():
     auto = uotmatch.match(C, 0.05, background_cost=0.0, tol=1e-6)
     assert bool(sweeps.converged.all()) and int(sweeps.iterations.max()) <= 30, sweeps.iterations
     torch.testing.assert_close(sweeps.plan, auto.plan, atol=1e-5, rtol=0)
+
+
+def test_the_eps_schedule_is_newtons_only_where_newton_could_run_every_stage():
+    """Newton's schedule (few stages) for a problem Newton's stages could solve throughout,
+    whichever method runs; the sweeps' (halving eps) elsewhere, e.g. a short side of more than
+    ``MAX_LINES`` lines, however few entries the cost has."""
+    from uotmatch import _newton, _sinkhorn
+    from uotmatch._solver import prepare
+
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.arange(200, dtype=torch.float64)[:, None] * 0.05  # row minima spread by 10
+    wide = torch.rand(1, 200, 300, generator=g, dtype=torch.float64) + offsets  # 200 > MAX_LINES
+    narrow = wide[:, :, :100].mT.contiguous()[:, :, :100]  # [1, 100, 100]: Newton-sized
+
+    def stages(cost, **kw):
+        rows = Marginal(torch.ones(cost.shape[:2], dtype=cost.dtype), INF)
+        cols = Marginal(
+            torch.ones(1, cost.shape[2], dtype=cost.dtype) * cost.shape[1] / cost.shape[2], INF
+        )
+        with torch.no_grad():
+            return prepare(cost, rows, cols, 0.005, 1000, 1e-5, None, None, None, **kw).stages
+
+    halving = stages(wide)
+    assert len(halving) > 2 and halving[1] / halving[0] == pytest.approx(_sinkhorn.EPS_DECAY)
+    for first in (True, False):  # "auto" and "sweeps"
+        s = stages(narrow, newton_first=first)
+        assert len(s) == 1 or s[1] / s[0] == pytest.approx(_newton.EPS_DECAY), s

@@ -49,8 +49,8 @@ def prepare(
         ranges, row_alive, col_alive, rows.mass, cols.mass, tau1, tau2
     )
     rescue = _newton.applies(cost, tau1, tau2) if newton is None else newton
-    small = rescue and _newton.first(cost, tau1, tau2)  # Newton's stages could run throughout
-    use_newton = small and newton_first
+    newton_sized = rescue and _newton.first(cost, tau1, tau2)  # Newton could run every stage
+    use_newton = newton_sized and newton_first
     if use_newton or _precision.needs_float64(
         magnitude,
         _precision.plan_log_bound(
@@ -82,7 +82,7 @@ def prepare(
             small = B * M * N < _sinkhorn.CHECK_EVERY_CPU_SIZE
             check_every = _sinkhorn.CHECK_EVERY_CPU_SMALL if small else 1
     floor = KERNEL_LOG_FLOOR[cost.dtype]
-    if small:  # Newton's schedule, whichever stages run: Newton finishes any item sweeps crawl on
+    if newton_sized:  # Newton's schedule whichever stages run: Newton finishes what sweeps crawl on
         stages = eps_schedule(ranges, eps, _newton.EPS_DECAY, cost.dtype, _newton.MIN_EPS_RATIO)
     else:
         stages = eps_schedule(ranges, eps, _sinkhorn.EPS_DECAY, cost.dtype)
