@@ -24,10 +24,11 @@ from uotmatch.detection.costs import DETR_FOCAL_EPS
 __all__ = ["MATCHER_TOL", "GroupedMatcher", "HungarianMatcher", "UOTMatcher"]
 
 #: :class:`UOTMatcher`'s default solver tolerance: the loosest at which its default decoding
-#: (``"hungarian"``) pairs every query as a float64 solve to 1e-10 does, on the captured DETR
-#: corpus and on batches of 100 and 300 queries at random initialisation, with near-identical
-#: queries, and with queries near their targets (``benchmarks/bench_corpus.py``; 1e-2 changes
-#: pairs). A plan-weighted loss reads the plan to within this relative marginal error.
+#: (``"hungarian"``) pairs every query as the same cost solved in float64 to 1e-10 does, on the
+#: captured DETR corpus and on batches of 100 and 300 queries at random initialisation, with
+#: near-identical queries, and with queries near their targets (``benchmarks/bench_corpus.py``;
+#: 1e-2 changes pairs). A plan-weighted loss reads the plan to within this relative marginal
+#: error.
 MATCHER_TOL = 1e-3
 #: :class:`UOTMatcher`'s solver options: ``match``'s budget at :data:`MATCHER_TOL`, by scaling
 #: sweeps (``method="sweeps"``): a DETR matching is well conditioned (unit masses, a background
@@ -192,7 +193,7 @@ class UOTMatcher(SetMatcher):
             (``focal``: Deformable-DETR's focal class cost on sigmoid logits, with their
             ``focal_eps = 1e-8`` inside the logs; 0 for the exact form).
         max_iter, tol: solver budget (``max_iter`` as :func:`uotmatch.match`'s; ``tol``
-            :data:`MATCHER_TOL`, where the pairs settle: one Newton step fewer than
+            :data:`MATCHER_TOL`, where the pairs settle: about 3 sweeps fewer than
             ``match``'s 1e-5 on a batch of 100 queries).
         solver: the same as one :class:`uotmatch.SolverOptions` (refused together with
             ``max_iter`` or ``tol``); the matcher's is ``.solver``. The default runs scaling
