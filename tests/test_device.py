@@ -121,7 +121,9 @@ class _SyncCounter:
 def test_the_loop_syncs_only_at_its_checks(monkeypatch, check_every):
     """With a check every k iterations, the host syncs of a solve grow like iterations / k:
     the same count whatever the iterations between two checks do (CPU-side count of the
-    conversions that sync on CUDA)."""
+    conversions that sync on CUDA). A check syncs once, and once more when some item meets tol
+    on its short side (then the long side's error decides, here where plain sweeps reach an
+    error of exactly 0 against an unreachable tol): at most two per check."""
     cost, bg = _problem(B=2, M=30, N=5, dtype=torch.float64)
     full = torch.cat([cost, bg.unsqueeze(-1)], -1)  # [B, M, N + 1]
     rows = Marginal(torch.ones(2, 30, dtype=torch.float64), INF)
@@ -137,7 +139,7 @@ def test_the_loop_syncs_only_at_its_checks(monkeypatch, check_every):
         counts[max_iter] = counter.count
     per_extra_iteration = (counts[400] - counts[200]) / 200
     assert counts[400] - counts[200] >= 200 // check_every - 1  # it sees every check
-    assert per_extra_iteration <= 1.0 / check_every + 1e-9, counts
+    assert per_extra_iteration <= 2.0 / check_every + 1e-9, counts
 
 
 @needs_cuda
