@@ -376,10 +376,10 @@ def test_the_eps_schedule_is_newtons_only_where_newton_could_run_every_stage():
             torch.ones(1, cost.shape[2], dtype=cost.dtype) * cost.shape[1] / cost.shape[2], INF
         )
         with torch.no_grad():
-            return prepare(cost, rows, cols, 0.005, 1000, 1e-5, None, None, None, **kw).stages
+            return prepare(cost, rows, cols, 0.001, 1000, 1e-5, None, None, None, **kw).stages
 
     halving = stages(wide)
     assert len(halving) > 2 and halving[1] / halving[0] == pytest.approx(_sinkhorn.EPS_DECAY)
     for first in (True, False):  # "auto" and "sweeps"
         s = stages(narrow, newton_first=first)
-        assert len(s) == 1 or s[1] / s[0] == pytest.approx(_newton.EPS_DECAY), s
+        assert len(s) > 1 and s[1] / s[0] == pytest.approx(_newton.EPS_DECAY), s

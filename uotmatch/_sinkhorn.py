@@ -145,7 +145,8 @@ def check(s: Solve, st: State, last: bool, stage_start: int) -> bool:
     # Per item on the host, from one transfer: some item near tol, the scalings large (every
     # few checks), some item to finish by Newton steps (after NEWTON_AFTER sweeps).
     flags = [((short_err <= s.tol) & st.active).any()]
-    if st.it % ABSORB_CHECK_EVERY < s.check_every:
+    look = st.it % ABSORB_CHECK_EVERY < s.check_every
+    if look:
         flags.append(torch.cat([st.log_u, st.log_v], 1).abs().gt(s.absorb_at).any())
     stalled = None
     if s.rescue and not last and st.it - stage_start >= NEWTON_AFTER:
@@ -154,13 +155,11 @@ def check(s: Solve, st: State, last: bool, stage_start: int) -> bool:
         slow = (rate >= 1) | (need > NEWTON_PATIENCE)
         stalled = st.active & (short_err > s.tol) & slow
         flags.append(stalled.any())
-    near, *rest = torch.stack(flags).tolist()
-    big = len(flags) > 1 + (stalled is not None) and rest[0]
-    rescue = stalled is not None and rest[-1]
+    values = iter(torch.stack(flags).tolist())  # in the order appended
+    near, big, rescue = next(values), look and next(values), next(values, False)
     if (near or last) and freeze(st, torch.maximum(short_err, side_error_of(s, st, False)), s.tol):
         return True
-    if rescue:
-        assert stalled is not None
+    if rescue and stalled is not None:
         _newton.finish(s, st, stalled & st.active)
         if not bool(st.active.any()):
             return True
@@ -200,7 +199,10 @@ def side_error_of(s: Solve, st: State, short: bool) -> Tensor:
 def _rows_miss(s: Solve, st: State) -> Tensor:
     """``[B]`` the rows' L1 miss (after a sweep the columns' is 0: their update is exact).
 
-    Unnormalised, a few operations: :func:`run_sweeps` compares it before and after a sweep."""
+    :func:`run_sweeps` compares it before and after a sweep. Unnormalised, unlike
+    :meth:`Marginal.error`: with a finite tau the plan's own mass, its scale, moves between the
+    two readings, and the normalised ratio kept some DETR matchings over-relaxed (at eps 0.01,
+    taus 10 and 1: 18 to 24 sweeps instead of 12 to 15)."""
     return (st.u * st.Kv - s.rows.target(st.fu(s))).abs().sum(-1)
 
 
