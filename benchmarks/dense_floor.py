@@ -7,9 +7,9 @@ float64) against the least work a solve that returns a plan must do, on this hos
 The workload is ``bench_solver.py``'s "OTA-like dense": ``[16, 20000, 20]`` + background, random
 costs, eps 0.1, balanced, ``tol=1e-3``. Timed in one process, alternating, best of each block:
 
-* **POT**: its torch backend looped over the batch at ``stopThr`` 10, the loosest that reaches
-  our error 1e-3 there (``bench_solver.py``'s choice), with its iteration count; and its numpy
-  float64 backend (the speed-up is against the faster of the two, as in ``bench_solver.py``);
+* **POT**: its torch backend looped over the batch and its numpy float64 backend, each at the
+  loosest ``stopThr`` whose plans reach our error 1e-3 (``bench_solver.py``'s choice: 10 here),
+  with its iteration count; the speed-up is against the faster of the two, as there;
 * **ours**: ``uotmatch.match``;
 * floors, each a part of every solve, none of them a solve:
   * **plan-sized fill**: a fresh ``[16, 20000, 21]`` tensor written once (the output's pages:
@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,13 +47,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_solver import _pot, dense_workload  # noqa: E402
+from bench_solver import (  # noqa: E402
+    TARGET_ERROR,
+    _best_time,
+    _pot,
+    _pot_threshold,
+    dense_workload,
+)
 
 import uotmatch  # noqa: E402
 from uotmatch._state import plan_error  # noqa: E402
 
 EPS = 0.1
-POT_THRESHOLD = 10.0
 GOALS = {torch.float32: 8.0, torch.float64: 5.0}
 PARTS_C = r"""
 #include <math.h>
@@ -155,15 +159,6 @@ def in_parallel(work) -> None:
         done.result()
 
 
-def best(fn, block: int) -> float:
-    times = []
-    for _ in range(block):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return min(times)
-
-
 def measure(dtype, cost, background, b, lib, rounds: int, block: int):
     """The faster POT's time, POT's iterations and the best time of each part, for ``dtype``."""
     B, M, N = cost.shape
@@ -173,16 +168,20 @@ def measure(dtype, cost, background, b, lib, rounds: int, block: int):
     b_p = torch.cat([bb, M - bb.sum(-1, keepdim=True)], -1)
     # POT's numpy backend takes float64 whatever the row's dtype (as in bench_solver.py)
     full64, a64, b64 = full.double().numpy(), np.ones((B, M)), b_p.double().numpy()
-    # POT's own count: its checks fall at iterations 0, 10, 20, ...
+    # Each backend's loosest stopThr whose plans reach our error TARGET_ERROR (bench_solver's
+    # choice), and POT's own count of iterations there (its checks fall at 0, 10, 20, ...)
+    inf = math.inf
+    thr = _pot_threshold(full, a_p, b_p, EPS, inf, inf, TARGET_ERROR)
+    thr64 = _pot_threshold(full64, a64, b64, EPS, inf, inf, TARGET_ERROR)
     iters = [
-        ot.sinkhorn(a_p[i], b_p[i], full[i], EPS, stopThr=POT_THRESHOLD, log=True)[1]["niter"] + 1
+        ot.sinkhorn(a_p[i], b_p[i], full[i], EPS, stopThr=thr, log=True)[1]["niter"] + 1
         for i in range(B)
     ]
     notes: dict[str, str] = {}
     runs = {
-        "POT torch": lambda: _pot(full, a_p, b_p, EPS, math.inf, math.inf, POT_THRESHOLD),
-        "POT numpy f64": lambda: _pot(full64, a64, b64, EPS, math.inf, math.inf, POT_THRESHOLD),
-        "ours": lambda: uotmatch.match(c, EPS, b=bb, background_cost=bg, tol=1e-3),
+        "POT torch": lambda: _pot(full, a_p, b_p, EPS, inf, inf, thr),
+        "POT numpy f64": lambda: _pot(full64, a64, b64, EPS, inf, inf, thr64),
+        "ours": lambda: uotmatch.match(c, EPS, b=bb, background_cost=bg, tol=TARGET_ERROR),
         "plan-sized fill": lambda: torch.empty(B, M, N + 1, dtype=dtype).fill_(0.0),
         "kernel": lambda: torch.mul(full, -1 / EPS).exp_(),
     }
@@ -210,7 +209,7 @@ def measure(dtype, cost, background, b, lib, rounds: int, block: int):
             iters = torch.empty(B, dtype=torch.int32)
             inputs = [ptr(t.data_ptr()) for t in (c, bg, a_p, b_p)]
             outputs = [ptr(t.data_ptr()) for t in (plan, f, g, iters)]
-            tol = real(1e-3)
+            tol = real(TARGET_ERROR)
             in_parallel(
                 lambda k, n: solve(
                     *inputs, B * k // n, B * (k + 1) // n, M, N, real(EPS), tol, 1000, *outputs
@@ -233,7 +232,7 @@ def measure(dtype, cost, background, b, lib, rounds: int, block: int):
     notes["ours"] = "{}-{} iterations, error {:.1e}".format(*_ours_note(runs["ours"]()))
     for r in range(rounds + 1):  # the first round warms every part up
         for name, fn_ in runs.items():
-            t = best(fn_, block)
+            t = _best_time(fn_, block)[0]
             if r:
                 times[name].append(t)
     pot = min(min(times["POT torch"]), min(times["POT numpy f64"]))
